@@ -1,0 +1,87 @@
+"""BiSAM (Xie et al., ICML 2024, arXiv 2407.12993): the ascent raises a lower bound of the 0-1 loss.
+
+With margins F_j = f_j(x) - f_y(x) (so F_y = 0), the ascent loss of a sample is
+
+    Q = (1/mu) log sum_{j=1..K} exp(mu * phi(F_j)),
+    phi(x) = 1 - softplus(gamma0 - x), gamma0 = log(e - 1)   ("log": phi(0) = 0), or
+    phi(x) = tanh(alpha * x)                                 ("tanh"),
+
+and Q - log(K)/mu <= the 0-1 loss. e = rho * unit(grad mean Q(w)); the descent keeps the usual loss:
+g = grad L(w + e); base step at w.                                                (2F 2B)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from samkit.optim.core import SharpnessAware, StepOutput, check_range
+from samkit.optim.registry import register
+
+BOUNDS = ("log", "tanh")
+GAMMA0 = math.log(math.e - 1)
+
+
+def lower_bound(
+    logits: Tensor, labels: Tensor, bound: str = "log", mu: float = 1.0, alpha: float = 0.1
+) -> Tensor:
+    """BiSAM's per-sample ascent loss Q (computed in float32 at least, also under autocast)."""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    margins = z - z.gather(1, labels[:, None])
+    if bound == "log":
+        phi = 1 - F.softplus(GAMMA0 - margins)
+    else:
+        phi = torch.tanh(alpha * margins)
+    return torch.logsumexp(mu * phi, dim=1) / mu
+
+
+@register("bisam", "bi-sam")
+class BiSAM(SharpnessAware):
+    """Bilevel SAM: ascent on a lower bound of the 0-1 loss, descent on the usual (upper-bound) loss.
+
+    Args:
+        rho: the ascent radius (default 0.05).
+        bound: "log" (phi = 1 - softplus(gamma0 - x)) or "tanh" (phi = tanh(alpha x)).
+        mu: the log-sum-exp sharpness (default 1, the authors' script), > 0.
+        alpha: the tanh slope (default 0.1), > 0.
+
+    The authors' descent loss is cross-entropy with label smoothing 0.1: pass
+    ``loss_fn=samkit.losses.CrossEntropy(label_smoothing=0.1)`` (or any per-sample loss) for that.
+    """
+
+    needs_labels = True
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        base: Callable[..., torch.optim.Optimizer] = torch.optim.SGD,
+        *,
+        rho: float = 0.05,
+        bound: str = "log",
+        mu: float = 1.0,
+        alpha: float = 0.1,
+        **kwargs: Any,
+    ) -> None:
+        if bound not in BOUNDS:
+            raise ValueError(f"bound must be one of {BOUNDS}; got {bound!r}")
+        self.bound = bound
+        self.mu = check_range("mu", mu, 0.0, low_open=True)
+        self.alpha = check_range("alpha", alpha, 0.0, low_open=True)
+        super().__init__(params, base, radii={"rho": rho}, **kwargs)
+
+    def step(self, closure: Callable[[], Tensor], labels: Tensor | None = None) -> StepOutput:
+        params = self._params()
+        labels = self._labels(labels)
+        logits, losses = self._forward(closure, labels)
+        with torch.enable_grad():
+            q = lower_bound(logits, labels, self.bound, self.mu, self.alpha).mean()
+        g_q = self._backward(q, params)
+        with self._perturbed(params, self._ascent(params, g_q)):
+            _, _, g = self._loss_grad(closure, labels, params)
+        self._base_step(params, g)
+        return StepOutput(losses.detach().mean(), logits.detach())

@@ -1,0 +1,167 @@
+"""CC-SAM (Zhou et al., CVPR 2023): class-conditional perturbations with PAC-Bayes radii.
+
+Each class c gets its own perturbation of the parameters W, with a radius that grows for rare classes:
+
+    rho_c = sqrt(||W|| / (2 ||g_c||)) * k^(-1/4) * (n_c - 1)^(-1/4),
+    e_c   = s * sqrt(k) * rho_c * unit(g_c),
+    loss  = (1 - beta) L(w) + beta (1/B) sum_c sum_{b in c} l_b(w + e_c),
+
+g_c the gradient of class c's loss (1/B) sum_{b in c} l_b, k the number of perturbed parameters and s a
+global scale (the authors' "noise_ratio"). Two forms:
+
+- "classifier" (the authors' code): W is the classifier only, re-evaluated for every class on the
+  unperturbed features of the clean pass; all classes at once, no host sync: about 1F 1B.
+- "full": W is every parameter; one extra forward and two backwards per class present in the batch,
+  (1 + P)F (1 + 2P)B; finding the P classes present costs one host sync.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+from torch.nn import functional as F
+
+from samkit.optim.core import EPS, ClassAware, StepOutput, _global_norm, check_range
+from samkit.optim.registry import register
+
+FORMS = ("classifier", "full")
+
+
+@register("ccsam", "cc-sam")
+class CCSAM(ClassAware):
+    """Class-conditional SAM.
+
+    Args:
+        class_counts: training-set count of each class; every class needs at least 2 samples.
+        head: the classifier module (e.g. ``model.head``) for ``form="classifier"``; it must be
+            called once per forward, on the final features, and its parameters optimized here.
+        s: the global scale of the perturbations, >= 0. The authors' released configs use 1e-6,
+            which makes e negligible (the default here, so the method is as released); treat s as
+            the radius to tune.
+        beta: weight of the perturbed loss in [0, 1] (0.3 on CIFAR-10, 0.5 on CIFAR-100).
+        form: "classifier" (default) or "full".
+    """
+
+    radius_keys = ()
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        base: Callable[..., torch.optim.Optimizer] = torch.optim.SGD,
+        *,
+        class_counts: Sequence[int] | Tensor | None = None,
+        head: nn.Module | None = None,
+        s: float = 1e-6,
+        beta: float = 0.5,
+        form: str = "classifier",
+        **kwargs: Any,
+    ) -> None:
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}; got {form!r}")
+        self.form = form
+        self.s = check_range("s", s, 0.0)
+        self.beta = check_range("beta", beta, 0.0, 1.0)
+        super().__init__(params, base, class_counts, radii={}, **kwargs)
+        if bool((self.class_counts < 2).any()):
+            raise ValueError(
+                "CCSAM's radius has the factor (n_c - 1)^(-1/4): every class needs at least 2 "
+                f"training samples; class_counts has {self.class_counts.min():.0f}"
+            )
+        self.count_factor = (self.class_counts - 1) ** -0.25
+        self.head = head
+        self._capture = False
+        self._features: Tensor | None = None
+        if form == "classifier":
+            if head is None:
+                raise ValueError(
+                    "CCSAM(form='classifier') needs head=model.head, the classifier module it "
+                    "perturbs; or use form='full' to perturb every parameter"
+                )
+            ours = {id(p) for p in self._params()}
+            if not any(p.requires_grad for p in head.parameters()) or any(
+                id(p) not in ours for p in head.parameters() if p.requires_grad
+            ):
+                raise ValueError(
+                    "head's trainable parameters must be among the optimizer's parameters"
+                )
+            head.register_forward_pre_hook(self._grab_features)
+
+    def _grab_features(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self._capture:
+            self._features = args[0]
+
+    def step(self, closure: Callable[[], Tensor], labels: Tensor | None = None) -> StepOutput:
+        labels = self._labels(labels, self.num_classes)
+        if self.form == "classifier":
+            return self._step_classifier(closure, labels)
+        return self._step_full(closure, labels)
+
+    def _radius_scale(self, w_norm: Tensor, g_norm: Tensor, k: int, n_factor: Tensor) -> Tensor:
+        """s * sqrt(k) * rho_c / ||g_c||: multiplies g_c to give e_c."""
+        rho_c = torch.sqrt(w_norm / (2 * (g_norm + EPS))) * k**-0.25 * n_factor
+        return self.s * math.sqrt(k) * rho_c / (g_norm + EPS)
+
+    def _step_classifier(self, closure: Callable[[], Tensor], labels: Tensor) -> StepOutput:
+        params = self._params()
+        self._capture = True
+        try:
+            logits, losses = self._forward(closure, labels)
+        finally:
+            self._capture = False
+        features, self._features = self._features, None
+        if features is None:
+            raise RuntimeError("the closure's forward did not call the head given to CCSAM")
+        batch, num_classes = losses.shape[0], self.num_classes
+        names, weights = zip(
+            *[(n, p) for n, p in self.head.named_parameters() if p.requires_grad], strict=True
+        )
+        # g_c for every class at once: one batched backward through the head only.
+        select = F.one_hot(labels, num_classes).to(losses.dtype).T / batch  # (C, B)
+        g = torch.autograd.grad(
+            losses, weights, grad_outputs=select, is_grads_batched=True, retain_graph=True
+        )
+        with torch.no_grad():
+            g_norm = torch.stack([x.reshape(num_classes, -1).square().sum(1) for x in g]).sum(0)
+            k = sum(w.numel() for w in weights)
+            factor = self._radius_scale(
+                _global_norm(weights), g_norm.sqrt(), k, self._table("n", self.count_factor, g_norm)
+            )
+            e = [factor.view(-1, *[1] * w.dim()) * x for w, x in zip(weights, g, strict=True)]
+        perturbed = [w.unsqueeze(0) + x for w, x in zip(weights, e, strict=True)]  # (C, *shape)
+
+        def head_at(*ws: Tensor) -> Tensor:
+            return functional_call(self.head, dict(zip(names, ws, strict=True)), (features,))
+
+        z = vmap(head_at)(*perturbed)[labels, torch.arange(batch, device=labels.device)]
+        loss = (1 - self.beta) * losses.mean() + self.beta * self.loss_fn(z, labels).sum() / batch
+        self._base_step(params, self._backward(loss, params))
+        return StepOutput(losses.detach().mean(), logits.detach())
+
+    def _step_full(self, closure: Callable[[], Tensor], labels: Tensor) -> StepOutput:
+        params = self._params()
+        logits, losses = self._forward(closure, labels)
+        batch = losses.shape[0]
+        classes = torch.unique(labels).tolist()  # the one host sync: a pass per class present
+        masks = [(labels == c).to(losses.dtype) for c in classes]
+        parts = [self._backward((1 - self.beta) * losses.mean(), params, retain_graph=True)]
+        ascents = [
+            self._backward((m * losses).sum() / batch, params, retain_graph=k < len(masks) - 1)
+            for k, m in enumerate(masks)
+        ]
+        with torch.no_grad():
+            w_norm = _global_norm(params)
+            k = sum(p.numel() for p in params)
+            n_factor = self._table("n", self.count_factor, w_norm)
+        for c, m, g in zip(classes, masks, ascents, strict=True):
+            g_norm = _global_norm([x for x in g if x is not None])
+            scale = self._radius_scale(w_norm, g_norm, k, n_factor[c])
+            with self._perturbed(params, self._ascent(params, g, radius=None, scale=scale)):
+                _, losses_e = self._forward(closure, labels)
+                parts.append(self._backward(self.beta * (m * losses_e).sum() / batch, params))
+        self._base_step(params, *parts)
+        return StepOutput(losses.detach().mean(), logits.detach())

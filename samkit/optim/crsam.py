@@ -1,0 +1,72 @@
+"""CR-SAM (Wu, Luo, Wunsch, AAAI 2024, arXiv 2312.13555): SAM plus a curvature regulariser.
+
+With g0 = grad L(w), v = unit(g0), g+ = grad L(w + rho v), g- = grad L(w - rho v):
+
+    d = g+ + a (g+ + g- - 2 g0) + b (g+ - g-)                                    (3F 3B)
+
+g+ + g- - 2 g0 ~ rho^2 grad(v^T H v) is the curvature along v, g+ - g- ~ 2 rho H v the gradient of the
+gradient norm. Under norm_stats="freeze" both perturbed passes are frozen (the authors' code freezes
+only the one at w + rho v).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from samkit.optim.core import SharpnessAware, StepOutput, check_range
+from samkit.optim.registry import register
+
+
+@register("crsam", "cr-sam")
+class CRSAM(SharpnessAware):
+    """Curvature-regularised SAM (a = b = 0 is SAM).
+
+    Args:
+        rho: the finite-difference radius (default 0.1, the authors' script).
+        a: weight of the curvature term, the authors' "gamma" (default 0.1), >= 0.
+        b: weight of the gradient-norm term, the authors' "beta" (default 0.01), >= 0.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        base: Callable[..., torch.optim.Optimizer] = torch.optim.SGD,
+        *,
+        rho: float = 0.1,
+        a: float = 0.1,
+        b: float = 0.01,
+        **kwargs: Any,
+    ) -> None:
+        self.a = check_range("a", a, 0.0)
+        self.b = check_range("b", b, 0.0)
+        super().__init__(params, base, radii={"rho": rho}, **kwargs)
+
+    def step(
+        self, closure: Callable[[], Tensor], labels: Tensor | None = None
+    ) -> Tensor | StepOutput:
+        params = self._params()
+        labels = None if labels is None else self._labels(labels)
+        loss, logits, g0 = self._loss_grad(closure, labels, params)
+        e = self._ascent(params, g0)
+        with self._perturbed(params, e, +1.0):
+            _, _, g_plus = self._loss_grad(closure, labels, params)
+        with self._perturbed(params, e, -1.0):
+            _, _, g_minus = self._loss_grad(closure, labels, params)
+        # d = (1 + a + b) g+ + (a - b) g- - 2a g0, written into g+
+        idx = [
+            i
+            for i, gs in enumerate(zip(g0, g_plus, g_minus, strict=True))
+            if all(g is not None for g in gs)
+        ]
+        if idx:
+            with torch.no_grad():
+                d = [g_plus[i] for i in idx]
+                torch._foreach_mul_(d, 1.0 + self.a + self.b)
+                torch._foreach_add_(d, [g_minus[i] for i in idx], alpha=self.a - self.b)
+                torch._foreach_add_(d, [g0[i] for i in idx], alpha=-2.0 * self.a)
+        self._base_step(params, g_plus)
+        return self._output(loss, logits)

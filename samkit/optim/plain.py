@@ -1,0 +1,39 @@
+"""The base optimizer alone, behind the same step API: the "SGD" row of every comparison."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from samkit.optim.core import SharpnessAware, StepOutput
+from samkit.optim.registry import register
+
+
+@register("plain", "sgd", "base")
+class Plain(SharpnessAware):
+    """One forward and backward at w, then the base step (1F 1B): no sharpness term.
+
+    Lets a training loop switch between plain training and any sharpness-aware method by name.
+    """
+
+    radius_keys = ()
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        base: Callable[..., torch.optim.Optimizer] = torch.optim.SGD,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(params, base, radii={}, **kwargs)
+
+    def step(
+        self, closure: Callable[[], Tensor], labels: Tensor | None = None
+    ) -> Tensor | StepOutput:
+        params = self._params()
+        labels = None if labels is None else self._labels(labels)
+        loss, logits, g = self._loss_grad(closure, labels, params)
+        self._base_step(params, g)
+        return self._output(loss, logits)

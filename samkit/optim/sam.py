@@ -1,0 +1,73 @@
+"""SAM (Foret et al., ICLR 2021, arXiv 2010.01412) and ASAM (Kwon et al., ICML 2021, arXiv 2102.11600).
+
+    e = rho * unit(grad L(w));  g = grad L(w + e);  base step with g at w.        (2F 2B)
+
+ASAM makes the ascent scale-invariant: e = rho * T_w^2 g / ||T_w g||, T_w = |w| + eta.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from samkit.optim.core import SharpnessAware, StepOutput
+from samkit.optim.registry import register
+
+
+@register("sam")
+class SAM(SharpnessAware):
+    """Sharpness-Aware Minimization: min_w max_{||e|| <= rho} L(w + e).
+
+    Args:
+        rho: the ascent radius (default 0.05); a param group may set its own.
+        See :class:`samkit.optim.core.SharpnessAware` for the base, loss and policy arguments.
+
+    ``step(closure, labels)`` with a closure returning logits returns ``(loss, logits)``;
+    ``step(closure)`` with a torch-style closure (forward, backward, return loss) returns the loss.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        base: Callable[..., torch.optim.Optimizer] = torch.optim.SGD,
+        *,
+        rho: float = 0.05,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(params, base, radii={"rho": rho}, **kwargs)
+
+    def step(
+        self, closure: Callable[[], Tensor], labels: Tensor | None = None
+    ) -> Tensor | StepOutput:
+        params = self._params()
+        labels = None if labels is None else self._labels(labels)
+        loss, logits, g = self._loss_grad(closure, labels, params)
+        with self._perturbed(params, self._ascent(params, g)):
+            _, _, g_adv = self._loss_grad(closure, labels, params)
+        self._base_step(params, g_adv)
+        return self._output(loss, logits)
+
+
+@register("asam")
+class ASAM(SAM):
+    """Adaptive SAM: SAM with the scale-invariant ascent e = rho T_w^2 g / ||T_w g||.
+
+    Args:
+        rho: the radius, about 10x SAM's (0.5 to 2.0 in the paper; default 0.5).
+        eta: the offset in T_w = |w| + eta (0.01, as in the ASAM authors' code).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        base: Callable[..., torch.optim.Optimizer] = torch.optim.SGD,
+        *,
+        rho: float = 0.5,
+        eta: float = 0.01,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("adaptive", True)
+        super().__init__(params, base, rho=rho, asam_eta=eta, **kwargs)

@@ -1,0 +1,92 @@
+"""Small models, batches and method settings shared by the optimizer tests."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+COUNTS = [300, 60, 15, 4]  # ImbSAM (eta 20): tail = {2, 3}; SSE-SAM (eta 100): tail = {1, 2, 3}
+NUM_CLASSES = len(COUNTS)
+
+
+class ConvNet(nn.Module):
+    """A small conv net with BatchNorm and a linear head."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(16, num_classes)
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class MLP(nn.Module):
+    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 12), nn.Tanh())
+        self.head = nn.Linear(12, num_classes)
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+MODELS = {"conv": ConvNet, "mlp": MLP}
+BASES = {
+    "sgd": (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3}),
+    "adamw": (torch.optim.AdamW, {"lr": 0.01, "weight_decay": 1e-2}),
+}
+
+
+def make_model(kind: str, seed: int = 0, dtype=torch.float64) -> nn.Module:
+    torch.manual_seed(seed)
+    return MODELS[kind]().to(dtype)
+
+
+def batches(
+    kind: str,
+    n: int,
+    batch: int = 24,
+    seed: int = 1,
+    dtype=torch.float64,
+    labels: list[int] | None = None,
+):
+    """n batches of random inputs; labels drawn so every class shows up now and then."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, 1, 6, 6) if kind == "conv" else (batch, 6)
+    out = []
+    for _ in range(n):
+        x = torch.randn(shape, generator=g, dtype=dtype)
+        if labels is None:
+            y = torch.multinomial(
+                torch.tensor([0.4, 0.3, 0.2, 0.1]), batch, replacement=True, generator=g
+            )
+        else:
+            y = torch.tensor(labels[:batch])
+        out.append((x, y))
+    return out
+
+
+def clone(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
+
+
+def assert_same_model(a: nn.Module, b: nn.Module, atol: float = 1e-10, rtol: float = 1e-8) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], atol=atol, rtol=rtol, msg=key)

@@ -1,0 +1,233 @@
+"""Reference implementations of every method, written plainly from spec/ALGORITHMS.md.
+
+Explicit per-parameter loops, gradients by torch.autograd.grad, no code shared with samkit. Each
+function computes the final gradient of one step, puts it in p.grad and calls the base optimizer
+once. Models are expected to expose `features(x)` and `head` (a torch.nn.Linear).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn import functional as F
+
+
+def ce(logits, y):
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+def grad_of(loss, params, retain=False):
+    gs = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)]
+
+
+def global_norm(gs):
+    total = 0.0
+    for g in gs:
+        total += float((g.double() ** 2).sum())
+    return math.sqrt(total)
+
+
+def params_of(opt):
+    return [p for group in opt.param_groups for p in group["params"]]
+
+
+def unit_perturbation(opt, gs, key="rho", adaptive=False, eta=0.0):
+    """e_p = rho_group * g_p / (||g|| + 1e-12), or ASAM's rho T^2 g / ||T g||."""
+    out = []
+    if adaptive:
+        tg = [(p.detach().abs() + eta) * g for p, g in zip(params_of(opt), gs)]
+        n = global_norm(tg)
+        k = 0
+        for group in opt.param_groups:
+            for p in group["params"]:
+                out.append(group[key] * (p.detach().abs() + eta) * tg[k] / (n + 1e-12))
+                k += 1
+        return out
+    n = global_norm(gs)
+    k = 0
+    for group in opt.param_groups:
+        for _ in group["params"]:
+            out.append(group[key] * gs[k] / (n + 1e-12))
+            k += 1
+    return out
+
+
+class At:
+    """Move the parameters to w + sign * e, and back by copy."""
+
+    def __init__(self, params, e, sign=1.0, freeze=None):
+        self.params, self.e, self.sign, self.freeze = params, e, sign, freeze
+
+    def __enter__(self):
+        self.saved = [p.detach().clone() for p in self.params]
+        self.stats = None
+        if self.freeze is not None:
+            self.stats = {
+                k: v.clone()
+                for k, v in self.freeze.state_dict().items()
+                if "running" in k or "num_batches" in k
+            }
+        with torch.no_grad():
+            for p, e in zip(self.params, self.e):
+                p.add_(self.sign * e)
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for p, w in zip(self.params, self.saved):
+                p.copy_(w)
+        if self.stats is not None:
+            self.freeze.load_state_dict(self.stats, strict=False)
+
+
+def finish(opt, final):
+    for p, g in zip(params_of(opt), final):
+        p.grad = g.clone()
+    opt.step()
+
+
+def plain(model, opt, x, y):
+    params = params_of(opt)
+    finish(opt, grad_of(ce(model(x), y).mean(), params))
+
+
+def sam(model, opt, x, y, adaptive=False, eta=0.0, freeze=False):
+    params = params_of(opt)
+    g = grad_of(ce(model(x), y).mean(), params)
+    with At(
+        params,
+        unit_perturbation(opt, g, adaptive=adaptive, eta=eta),
+        freeze=model if freeze else None,
+    ):
+        g_adv = grad_of(ce(model(x), y).mean(), params)
+    finish(opt, g_adv)
+
+
+def imbsam(model, opt, x, y, counts, eta=20, kappa=1.0, key="rho"):
+    params = params_of(opt)
+    tail_classes = [c for c, n in enumerate(counts) if n < eta]
+    is_tail = torch.tensor([float(int(v) in tail_classes) for v in y], dtype=x.dtype)
+    losses = ce(model(x), y)
+    b = len(y)
+    g_head = grad_of(((1 - is_tail) * losses).sum() / b, params, retain=True)
+    g_tail = grad_of((is_tail * losses).sum() / b, params)
+    with At(params, unit_perturbation(opt, g_tail, key=key)):
+        g_tail_adv = grad_of(kappa * (is_tail * ce(model(x), y)).sum() / b, params)
+    finish(opt, [a + c for a, c in zip(g_head, g_tail_adv)])
+
+
+def focalsam(model, opt, x, y, counts, gamma, lam):
+    params = params_of(opt)
+    total = sum(counts)
+    c = torch.tensor([lam * (1 - counts[int(v)] / total) ** gamma for v in y], dtype=x.dtype)
+    losses = ce(model(x), y)
+    b = len(y)
+    g_clean = grad_of(((1 - c) * losses).sum() / b, params, retain=True)
+    g_focal = grad_of((c * losses).sum() / b, params)
+    with At(params, unit_perturbation(opt, g_focal)):
+        g_adv = grad_of((c * ce(model(x), y)).sum() / b, params)
+    finish(opt, [a + d for a, d in zip(g_clean, g_adv)])
+
+
+def ssesam(model, opt, x, y, counts, epoch, total_epochs, gamma=0.7, eta=100):
+    if epoch >= gamma * total_epochs:
+        return imbsam(model, opt, x, y, counts, eta=eta, kappa=1.0, key="rho_tail")
+    params = params_of(opt)
+    is_tail = torch.tensor([float(counts[int(v)] < eta) for v in y], dtype=x.dtype)
+    is_head = 1 - is_tail
+    losses = ce(model(x), y)
+    b = len(y)
+    g_h = grad_of((is_head * losses).sum() / b, params, retain=True)
+    g_t = grad_of((is_tail * losses).sum() / b, params)
+    with At(params, unit_perturbation(opt, g_h, key="rho_head")):
+        g_h_adv = grad_of((is_head * ce(model(x), y)).sum() / b, params)
+    with At(params, unit_perturbation(opt, g_t, key="rho_tail")):
+        g_t_adv = grad_of((is_tail * ce(model(x), y)).sum() / b, params)
+    finish(opt, [a + c for a, c in zip(g_h_adv, g_t_adv)])
+
+
+def bisam_q(logits, y, bound, mu, alpha):
+    rows = []
+    for i in range(logits.shape[0]):
+        terms = []
+        for j in range(logits.shape[1]):
+            f = logits[i, j] - logits[i, y[i]]
+            if bound == "log":
+                phi = 1 - torch.log1p(torch.exp(math.log(math.e - 1) - f))
+            else:
+                phi = torch.tanh(alpha * f)
+            terms.append(torch.exp(mu * phi))
+        rows.append(torch.log(torch.stack(terms).sum()) / mu)
+    return torch.stack(rows)
+
+
+def bisam(model, opt, x, y, bound="log", mu=1.0, alpha=0.1):
+    params = params_of(opt)
+    g_q = grad_of(bisam_q(model(x), y, bound, mu, alpha).mean(), params)
+    with At(params, unit_perturbation(opt, g_q)):
+        g = grad_of(ce(model(x), y).mean(), params)
+    finish(opt, g)
+
+
+def crsam(model, opt, x, y, a, b):
+    params = params_of(opt)
+    g0 = grad_of(ce(model(x), y).mean(), params)
+    e = unit_perturbation(opt, g0)
+    with At(params, e, +1.0):
+        gp = grad_of(ce(model(x), y).mean(), params)
+    with At(params, e, -1.0):
+        gm = grad_of(ce(model(x), y).mean(), params)
+    finish(opt, [p + a * (p + m - 2 * z) + b * (p - m) for p, m, z in zip(gp, gm, g0)])
+
+
+def _rho_c(w_norm, g_norm, k, n_c):
+    return math.sqrt(w_norm / (2 * (g_norm + 1e-12))) * k**-0.25 * (n_c - 1) ** -0.25
+
+
+def ccsam_classifier(model, opt, x, y, counts, s, beta):
+    params = params_of(opt)
+    head = model.head
+    f = model.features(x)
+    losses = ce(head(f), y)
+    b = len(y)
+    weights = [head.weight, head.bias]
+    k = sum(w.numel() for w in weights)
+    w_norm = global_norm([w.detach() for w in weights])
+    e = {}
+    for c in range(len(counts)):
+        mask = (y == c).to(x.dtype)
+        g_c = grad_of((mask * losses).sum() / b, weights, retain=True)
+        n = global_norm(g_c)
+        rho = _rho_c(w_norm, n, k, counts[c])
+        e[c] = [s * math.sqrt(k) * rho * g / (n + 1e-12) for g in g_c]
+    perturbed = []
+    for i in range(b):
+        ew, eb = e[int(y[i])]
+        z = F.linear(f[i : i + 1], head.weight + ew, head.bias + eb)
+        perturbed.append(ce(z, y[i : i + 1])[0])
+    loss = (1 - beta) * losses.mean() + beta * torch.stack(perturbed).sum() / b
+    finish(opt, grad_of(loss, params))
+
+
+def ccsam_full(model, opt, x, y, counts, s, beta):
+    params = params_of(opt)
+    losses = ce(model(x), y)
+    b = len(y)
+    final = grad_of((1 - beta) * losses.mean(), params, retain=True)
+    k = sum(p.numel() for p in params)
+    w_norm = global_norm([p.detach() for p in params])
+    present = sorted({int(v) for v in y})
+    g_cs = {}
+    for c in present:
+        mask = (y == c).to(x.dtype)
+        g_cs[c] = grad_of((mask * losses).sum() / b, params, retain=True)
+    for c in present:
+        n = global_norm(g_cs[c])
+        rho = _rho_c(w_norm, n, k, counts[c])
+        e = [s * math.sqrt(k) * rho * g / (n + 1e-12) for g in g_cs[c]]
+        with At(params, e):
+            mask = (y == c).to(x.dtype)
+            g = grad_of(beta * (mask * ce(model(x), y)).sum() / b, params)
+        final = [a + d for a, d in zip(final, g)]
+    finish(opt, final)
