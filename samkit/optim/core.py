@@ -107,6 +107,9 @@ class SharpnessAware(torch.optim.Optimizer):
         asam_eta: ASAM's offset eta (0.01 in the ASAM authors' code, 0 in the popular PyTorch copy).
         check_labels: check that labels lie in [0, C). ``None`` checks only labels on the CPU, where it
             costs no device synchronisation.
+        skip_nonfinite: skip the base step (leaving weights and base state untouched) when the final
+            gradient is not finite; costs one host sync per step. ``last_step_skipped`` and
+            ``skipped_steps`` report it.
         **base_kwargs: passed to ``base`` (lr, momentum, weight_decay, ...).
     """
 
@@ -127,6 +130,7 @@ class SharpnessAware(torch.optim.Optimizer):
         adaptive: bool = False,
         asam_eta: float = 0.01,
         check_labels: bool | None = None,
+        skip_nonfinite: bool = False,
         **base_kwargs: Any,
     ) -> None:
         for key, value in radii.items():
@@ -143,6 +147,9 @@ class SharpnessAware(torch.optim.Optimizer):
         self.loss_fn: LossFn = loss_fn if loss_fn is not None else per_sample_cross_entropy
         self.norm_stats = norm_stats
         self.check_labels = check_labels
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self.last_step_skipped = False
+        self.skipped_steps = 0
         self._norm_buffers = _norm_buffers(model) if norm_stats == "freeze" else []
         self._scratch: dict[str, list[Tensor]] = {}
         super().__init__(params, dict(radii))
@@ -376,6 +383,15 @@ class SharpnessAware(torch.optim.Optimizer):
                     continue
                 total = g if total is None else total.add_(g)
             p.grad = total
+        self.last_step_skipped = False
+        if self.skip_nonfinite:
+            norm = _global_norm([p.grad for p in params if p.grad is not None])
+            if not bool(torch.isfinite(norm)):
+                for p in params:
+                    p.grad = None
+                self.last_step_skipped = True
+                self.skipped_steps += 1
+                return
         self.base.step()
 
     @staticmethod

@@ -1,0 +1,138 @@
+"""The `samkit` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+TRAIN_HELP = """\
+Train one method on a long-tailed data set and write a run directory.
+
+With no recipe, runs the embedded default: Fashion-MNIST long-tailed at ratio 100, the small CNN
+and Focal-SAM (a few minutes on 2 CPU cores). Overrides are key=value with dotted keys, e.g.
+  samkit train optim.method=sam optim.kwargs.rho=0.1 schedule.epochs=20 run.name=sam-run
+  samkit train configs/cifar10_lt_focal.yaml run.device=cuda
+  samkit train --resume runs/sam-run
+Keys: data.{name,root,ratio,profile,order,batch_size,augment,...}, model.{name,head},
+loss.{name,kwargs}, optim.{method,base,lr,momentum,weight_decay,norm_stats,kwargs,rho_schedule},
+schedule.{epochs,lr,warmup_epochs,milestones,decay}, run.{name,out,seed,device,deterministic,...};
+`samkit train --print-config` shows them all with their values.
+"""
+
+
+def _train(args: argparse.Namespace) -> int:
+    from samkit.train.config import ConfigError, load_config
+    from samkit.train.loop import Interrupted, Trainer, TrainingError
+
+    recipe, overrides = args.recipe, list(args.overrides)
+    if recipe is not None and "=" in recipe and not Path(recipe).exists():
+        recipe, overrides = None, [recipe, *overrides]
+    resume = args.resume is not None
+    if isinstance(args.resume, str):
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").exists():
+            print(f"error: {run_dir} is not a run directory (no config.yaml)", file=sys.stderr)
+            return 2
+        if recipe is not None:
+            print("error: give either a recipe or --resume RUN_DIR, not both", file=sys.stderr)
+            return 2
+        recipe = run_dir / "config.yaml"
+        overrides += [f"run.out={run_dir.parent}", f"run.name={run_dir.name}"]
+    try:
+        config = load_config(recipe, overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        return 0
+    trainer = Trainer(config, resume=resume, progress=not args.quiet)
+    try:
+        summary = trainer.run()
+    except Interrupted as stop:
+        print(f"interrupted: checkpoint saved; continue with: samkit train --resume {stop.run_dir}",
+              file=sys.stderr)
+        return 130
+    except TrainingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    last = summary["last"]
+    print(f"run: {trainer.run_dir}")
+    print(f"last epoch: overall {last['overall']:.4f}, many {last['many']}, "
+          f"medium {last['medium']}, few {last['few']}")
+    print(f"summary: {trainer.run_dir / 'summary.json'}")
+    print(f"plots: {trainer.run_dir / 'plots'}/per_class.png, curves.png")
+    return 0
+
+
+def _methods(args: argparse.Namespace) -> int:
+    import samkit.optim as so
+
+    for name in so.available():
+        cls = so.get(name)
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        print(f"{name:10s} {doc}")
+    return 0
+
+
+def _download(args: argparse.Namespace) -> int:
+    from samkit.data import download
+
+    try:
+        path = download(args.name, args.root, progress=not args.quiet)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps({"downloaded": args.name, "to": str(path)}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="samkit",
+        description="Sharpness-aware training for PyTorch: SAM and its long-tailed variants, a "
+                    "long-tailed training harness, and curvature diagnostics.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    train = sub.add_parser("train", help="train a method on a long-tailed data set",
+                           description=TRAIN_HELP,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("recipe", nargs="?", help="YAML recipe (default: the embedded default)")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    train.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR",
+                       help="continue an interrupted run: RUN_DIR, or the recipe's own run")
+    train.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    train.add_argument("--print-config", action="store_true",
+                       help="print the resolved recipe and exit")
+    train.set_defaults(func=_train)
+
+    methods = sub.add_parser("methods", help="list the optimizers",
+                             description="List the optimizers samkit registers, by name.")
+    methods.set_defaults(func=_methods)
+
+    download = sub.add_parser(
+        "download", help="download a data set (checksum verified)",
+        description="Download a data set with a public address into ROOT (default: "
+                    "$SAMKIT_DATA or ~/.cache/samkit/data), verifying its checksum.")
+    download.add_argument("name", help="fashion-mnist, mnist, cifar10 or cifar100")
+    download.add_argument("--root", help="target directory")
+    download.add_argument("--quiet", "-q", action="store_true")
+    download.set_defaults(func=_download)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

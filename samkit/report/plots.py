@@ -1,0 +1,65 @@
+"""Plots of a run directory: per-class accuracy against training count, and training curves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+GROUP_COLOURS = {"many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
+
+
+def plot_per_class(run_dir: str | Path, out: str | Path) -> None:
+    """Per-class test accuracy (last epoch) against the class's training count, log scale."""
+    summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    counts, acc, groups = summary["counts"], summary["per_class"], summary["groups"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for group, colour in GROUP_COLOURS.items():
+        xs = [c for c, g in zip(counts, groups, strict=True) if g == group]
+        ys = [a for a, g in zip(acc, groups, strict=True) if g == group]
+        ax.scatter(xs, ys, color=colour, label=f"{group} ({len(xs)})")
+    ax.set_xscale("log")
+    ax.set_xlabel("training images of the class")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"{summary['method']}: overall {summary['last']['overall']:.3f} (last epoch)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(run_dir: str | Path, out: str | Path) -> None:
+    """Training loss and test accuracy (overall, many, medium, few) per epoch."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = [r["epoch"] + 1 for r in records]
+    ax1.plot(epochs, [r["train_loss"] for r in records], marker="o")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("training loss")
+    evals = [r for r in records if "overall" in r]
+    for key, colour in [("overall", "black"), *GROUP_COLOURS.items()]:
+        pts = [(r["epoch"] + 1, r[key]) for r in evals if r.get(key) is not None]
+        if pts:
+            ax2.plot(*zip(*pts, strict=True), marker="o", color=colour, label=key)
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("test accuracy")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Write the run's plots into run_dir/plots and return their paths."""
+    plots = Path(run_dir) / "plots"
+    plots.mkdir(exist_ok=True)
+    paths = [plots / "per_class.png", plots / "curves.png"]
+    plot_per_class(run_dir, paths[0])
+    plot_curves(run_dir, paths[1])
+    return paths

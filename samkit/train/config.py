@@ -1,0 +1,284 @@
+"""Training recipes: typed, validated configuration read from YAML with `key=value` overrides.
+
+A recipe is a nested mapping (data, model, loss, optim, schedule, run); every key has a type and a
+default, an unknown key or a value of the wrong type is an error that names the key, and the
+resolved recipe is written into every run directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with 1e-3 read as a float (plain YAML 1.1 reads it as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*\.?[\d_]*(?:[eE][-+]?\d+)?|\.\d[\d_]*(?:[eE][-+]?\d+)?"
+               r"|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; the message names the key and the fix."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion-mnist"  # fashion-mnist, mnist, cifar10, cifar100, image-folder, mnist1d
+    root: str | None = None  # data location; else $SAMKIT_DATA and the standard places
+    ratio: float = 100.0  # imbalance ratio n_max / n_min (1 = the balanced set)
+    profile: str = "exp"  # exp or step
+    order: str = "shuffle"  # which images a class keeps: shuffle (LDAM, Focal-SAM) or first
+    subsample_seed: int = 0
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    augment: str = "crop-flip"  # crop-flip, flip or none
+    crop_padding: int = 4
+    normalize: bool = True  # per-channel mean/std of the long-tailed training set
+    many: int | None = None  # many-shot: more than this many training images (default by C)
+    few: int | None = None  # few-shot: fewer than this many (default by C)
+    limit_per_class: int | None = None  # read only the first k images of each class (quick runs)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "small-cnn"
+    head: str = "linear"  # linear or normed (LDAM's cosine classifier)
+
+
+@dataclass
+class LossConfig:
+    name: str = "ce"  # ce, ldam, ldam-drw, la, balanced-softmax, vs
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    method: str = "focalsam"  # any name of samkit.optim.available()
+    base: str = "sgd"  # sgd or adamw
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    norm_stats: str = "update"  # update or freeze (normalization statistics on perturbed passes)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # the method's hyperparameters
+    rho_schedule: list[list[float]] = field(default_factory=list)  # [[fraction, rho], ...]
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = 10
+    lr: str = "cosine"  # cosine, step or constant
+    warmup_epochs: float = 0.0
+    milestones: list[float] = field(default_factory=list)  # epochs of the step schedule
+    decay: float = 0.1  # the step schedule's factor per milestone
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out: str = "runs"
+    seed: int = 0
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
+    deterministic: bool = False
+    threads: int | None = None  # torch CPU threads (None: torch's default)
+    eval_every: int = 1
+    max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests)
+    max_nonfinite: int = 20  # consecutive non-finite steps that stop the run
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# The recipe `samkit train` runs with no arguments: Fashion-MNIST-LT (ratio 100), the small CNN and
+# Focal-SAM, a few minutes on 2 CPU cores.
+DEFAULT_RECIPE: dict[str, Any] = {
+    "data": {"name": "fashion-mnist", "ratio": 100, "augment": "crop-flip", "crop_padding": 2},
+    "model": {"name": "small-cnn"},
+    "loss": {"name": "ce"},
+    "optim": {"method": "focalsam", "lr": 0.05, "weight_decay": 5e-4,
+              "kwargs": {"rho": 0.1, "gamma": 2.0, "lam": 0.8}},
+    "schedule": {"epochs": 8, "lr": "cosine"},
+    "run": {"name": "fmnist-lt100-focalsam", "threads": 2},
+}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp` (int accepted for float), or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list; got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping; got {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and isinstance(value, tp) and not (
+        tp is int and isinstance(value, bool)
+    ):
+        return value
+    if tp is Any:
+        return value
+    raise ConfigError(f"{key} must be {_type_name(tp)}; got {value!r} ({type(value).__name__})")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'the recipe'} must be a mapping; got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]}; valid keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(f"{prefix}{name}", value, tp)
+    return cls(**kwargs)
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {dotted}: {part} is not a mapping")
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`key=value` strings (dotted keys, YAML values) as a nested mapping; a mapping value is merged
+    into the recipe's, an empty one ({}) replaces it."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not key=value (e.g. optim.lr=0.1)")
+        try:
+            value = read_yaml(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {key}: cannot read {raw!r} as a value ({err})") from None
+        _set(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if value and isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_config(recipe: str | Path | dict[str, Any] | None = None,
+                overrides: list[str] | None = None) -> Config:
+    """The validated config of a recipe (a YAML path, a mapping, or None for the default recipe)
+    with `key=value` overrides applied on top."""
+    extra = parse_overrides(overrides or [])
+    if recipe is None:
+        tree = copy.deepcopy(DEFAULT_RECIPE)
+        if "method" in extra.get("optim", {}) and "kwargs" not in extra["optim"]:
+            tree["optim"]["kwargs"] = {}  # Focal-SAM's settings do not fit another method
+    elif isinstance(recipe, dict):
+        tree = copy.deepcopy(recipe)
+    else:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"recipe {path} does not exist; give the path of a YAML recipe")
+        try:
+            tree = read_yaml(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"recipe {path} is not valid YAML: {err}") from None
+    tree = _merge(tree, extra)
+    config = _build(Config, tree, "")
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Check values that the types alone do not pin down."""
+    def need(ok: bool, key: str, value: Any, rule: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key} must be {rule}; got {value!r}")
+
+    d, s, o, r = config.data, config.schedule, config.optim, config.run
+    need(d.ratio >= 1, "data.ratio", d.ratio, ">= 1")
+    need(d.profile in ("exp", "step"), "data.profile", d.profile, "exp or step")
+    need(d.order in ("shuffle", "first"), "data.order", d.order, "shuffle or first")
+    need(d.batch_size >= 1, "data.batch_size", d.batch_size, ">= 1")
+    need(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, ">= 1")
+    need(d.augment in ("crop-flip", "flip", "none"), "data.augment", d.augment,
+         "crop-flip, flip or none")
+    need(d.crop_padding >= 0, "data.crop_padding", d.crop_padding, ">= 0")
+    need(o.base in ("sgd", "adamw"), "optim.base", o.base, "sgd or adamw")
+    need(o.lr >= 0, "optim.lr", o.lr, ">= 0")
+    need(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
+    need(o.norm_stats in ("update", "freeze"), "optim.norm_stats", o.norm_stats,
+         "update or freeze")
+    for i, item in enumerate(o.rho_schedule):
+        need(len(item) == 2 and 0 <= item[0] <= 1 and item[1] >= 0, f"optim.rho_schedule[{i}]",
+             item, "[fraction in [0, 1], rho >= 0]")
+    need(s.epochs >= 1, "schedule.epochs", s.epochs, ">= 1")
+    need(s.lr in ("cosine", "step", "constant"), "schedule.lr", s.lr, "cosine, step or constant")
+    need(s.warmup_epochs >= 0, "schedule.warmup_epochs", s.warmup_epochs, ">= 0")
+    need(0 < s.decay <= 1, "schedule.decay", s.decay, "in (0, 1]")
+    need(r.eval_every >= 1, "run.eval_every", r.eval_every, ">= 1")
+    need(r.max_nonfinite >= 1, "run.max_nonfinite", r.max_nonfinite, ">= 1")
+    need(r.max_steps_per_epoch is None or r.max_steps_per_epoch >= 1, "run.max_steps_per_epoch",
+         r.max_steps_per_epoch, "None or >= 1")
+    need(r.threads is None or r.threads >= 1, "run.threads", r.threads, "None or >= 1")

@@ -1,0 +1,494 @@
+"""The training loop: a long-tailed data set, a model, a loss and any samkit method, as a run.
+
+A run directory holds the resolved recipe (config.yaml), the environment (env.json), how the
+long-tailed split was made (split.json), metrics per epoch (metrics.jsonl), the final summary
+(summary.json), checkpoints written atomically (checkpoint.pt: the last one; best.pt: the weights of
+the best epoch) and plots (plots/*.png). A run stopped by SIGINT/SIGTERM saves where it stands and
+resumes exactly; repeated non-finite steps stop it without touching the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import math
+import os
+import platform
+import resource
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor, nn
+from tqdm import tqdm
+
+import samkit
+import samkit.optim as so
+from samkit.data import (
+    ArrayDataset,
+    BatchLoader,
+    channel_stats,
+    crop_flip,
+    default_thresholds,
+    hflip_where,
+    load_dataset,
+    long_tail_counts,
+    long_tail_indices,
+    shot_groups,
+)
+from samkit.losses import build_loss
+from samkit.models import build_model
+from samkit.train.checkpoint import load_checkpoint, save_checkpoint, write_json
+from samkit.train.config import Config
+from samkit.train.metrics import expected_calibration_error, group_accuracy, per_class_accuracy
+from samkit.train.schedules import lr_factor, rho_at
+
+CHECKPOINT, BEST, SUMMARY, METRICS = "checkpoint.pt", "best.pt", "summary.json", "metrics.jsonl"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. repeated non-finite losses); its last good checkpoint is kept."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM: the run saved a checkpoint and stopped; resume continues it."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(f"interrupted; checkpoint saved in {run_dir}")
+        self.run_dir = run_dir
+
+
+@dataclass
+class Data:
+    train: ArrayDataset
+    test: ArrayDataset
+    counts: list[int]
+    groups: list[str]
+    thresholds: tuple[int, int]
+    mean: list[float] | None
+    std: list[float] | None
+    split: dict[str, Any]
+
+
+def prepare_data(config: Config, progress: bool = True) -> Data:
+    """Load the data set, build the long-tailed training split and the class groups."""
+    d = config.data
+    common = {"root": d.root, "progress": progress, "limit_per_class": d.limit_per_class}
+    full = load_dataset(d.name, split="train", **common)
+    test = load_dataset(d.name, split="test", **common)
+    n_max = max(full.class_counts())
+    counts = long_tail_counts(n_max, full.num_classes, d.ratio, d.profile)
+    indices = long_tail_indices(full.labels, counts, seed=d.subsample_seed, order=d.order)
+    train = full.subset(indices, f"long-tailed {d.profile} ratio {d.ratio:g}, order {d.order}, "
+                        f"seed {d.subsample_seed}")
+    many, few = default_thresholds(full.num_classes)
+    many = d.many if d.many is not None else many
+    few = d.few if d.few is not None else few
+    groups = shot_groups(counts, many=many, few=few)
+    mean = std = None
+    if d.normalize and train.images.dtype == torch.uint8:
+        mean, std = channel_stats(train.images)
+    split = {"source": train.source, "test_source": test.source, "classes": train.classes,
+             "counts": counts, "total": int(sum(counts)), "profile": d.profile, "ratio": d.ratio,
+             "order": d.order, "seed": d.subsample_seed, "thresholds": {"many": many, "few": few},
+             "groups": groups, "mean": mean, "std": std, "indices": [int(i) for i in indices]}
+    return Data(train, test, counts, groups, (many, few), mean, std, split)
+
+
+def make_optimizer(config: Config, model: nn.Module, counts: list[int],
+                   loss_fn: Callable[[Tensor, Tensor], Tensor]) -> so.SharpnessAware:
+    """The configured method over the model's parameters, given what its constructor asks for."""
+    o = config.optim
+    cls = so.get(o.method)
+    wanted = inspect.signature(cls.__init__).parameters
+    kwargs: dict[str, Any] = dict(o.kwargs)
+    if "class_counts" in wanted:
+        kwargs.setdefault("class_counts", counts)
+    if "total_epochs" in wanted:
+        kwargs.setdefault("total_epochs", config.schedule.epochs)
+    if "head" in wanted and kwargs.get("form", "classifier") == "classifier":
+        head = getattr(model, "head", None)
+        if not isinstance(head, nn.Module):
+            raise ValueError(f"{o.method} (classifier form) needs a model with a .head module; "
+                             "set optim.kwargs.form=full for any model")
+        kwargs.setdefault("head", head)
+    if o.base == "sgd":
+        base, base_kwargs = torch.optim.SGD, {"momentum": o.momentum, "nesterov": o.nesterov}
+    else:
+        base, base_kwargs = torch.optim.AdamW, {}
+    norm = {"norm_stats": o.norm_stats, "model": model} if o.norm_stats == "freeze" else {}
+    known = set(wanted) | set(inspect.signature(so.SharpnessAware.__init__).parameters)
+    unknown = sorted(set(o.kwargs) - known)
+    if unknown:
+        raise ValueError(
+            f"optim.kwargs.{unknown[0]} is not a parameter of {cls.__name__}; its parameters: "
+            f"{', '.join(p for p in wanted if p not in ('self', 'params', 'base', 'kwargs'))}"
+        )
+    return cls(model.parameters(), base=base, lr=o.lr, weight_decay=o.weight_decay,
+               loss_fn=loss_fn, skip_nonfinite=True, **norm, **base_kwargs, **kwargs)
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Versions, machine and device, recorded with every run."""
+    env = {"samkit": samkit.__version__, "python": platform.python_version(),
+           "torch": torch.__version__, "numpy": np.__version__, "platform": platform.platform(),
+           "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+           "threads": torch.get_num_threads(), "device": str(device), "argv": sys.argv}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"run.device={name} but CUDA is not available; use run.device=cpu")
+    return device
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[dict[str, bool]]:
+    """Turn the first SIGINT/SIGTERM into a flag the loop checks between steps; a second SIGINT
+    interrupts at once."""
+    flag = {"stop": False}
+    if not _is_main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag["stop"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _is_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+class Trainer:
+    """Runs one recipe in one run directory (`run.out`/`run.name`).
+
+    Args:
+        config: the validated recipe.
+        resume: continue the run found in the directory (a finished run is left as it is);
+            without it an existing run directory is an error.
+        progress: show progress bars and per-epoch lines (False: quiet).
+        on_step: called after every step with (trainer, epoch, step); for tools and tests.
+    """
+
+    def __init__(self, config: Config, *, resume: bool = False, progress: bool = True,
+                 on_step: Callable[[Trainer, int, int], None] | None = None) -> None:
+        self.config = config
+        self.resume = resume
+        self.progress = progress
+        self.on_step = on_step
+        self.run_dir = Path(config.run.out) / config.run.name
+
+    def log(self, message: str) -> None:
+        if self.progress:
+            tqdm.write(message)
+
+    # ----------------------------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        c = self.config
+        if c.run.threads is not None:
+            torch.set_num_threads(c.run.threads)
+        if c.run.deterministic:
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.manual_seed(c.run.seed)
+        self.device = resolve_device(c.run.device)
+        self.data = prepare_data(c, progress=self.progress)
+        train = self.data.train
+        self.num_classes = train.num_classes
+        in_channels = train.images.shape[1]
+        self.model = build_model(c.model.name, num_classes=self.num_classes,
+                                 in_channels=in_channels, head=c.model.head).to(self.device)
+        self.loss_fn = build_loss(c.loss.name, class_counts=self.data.counts,
+                                  **c.loss.kwargs).to(self.device)
+        self.optimizer = make_optimizer(c, self.model, self.data.counts, self.loss_fn)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        augment = None
+        if c.data.augment != "none" and train.images.dim() == 4:
+            size = tuple(train.images.shape[-2:])
+            augment = (crop_flip(size, c.data.crop_padding) if c.data.augment == "crop-flip"
+                       else _flip_only)
+        self.loader = BatchLoader(train.images, train.labels, c.data.batch_size, shuffle=True,
+                                  seed=c.run.seed, device=self.device, augment=augment,
+                                  mean=self.data.mean, std=self.data.std)
+        self.test_loader = BatchLoader(self.data.test.images, self.data.test.labels,
+                                       c.data.eval_batch_size, shuffle=False,
+                                       device=self.device, mean=self.data.mean,
+                                       std=self.data.std)
+
+    def _fresh_state(self) -> dict[str, Any]:
+        return {"epoch": 0, "step": 0, "global_step": 0, "train_time": 0.0, "seen": 0,
+                "nonfinite": 0, "consecutive_nonfinite": 0, "best": None,
+                "loss_sum": 0.0, "correct": 0, "counted": 0}
+
+    def _checkpoint(self, path: Path, weights_only: bool = False) -> None:
+        state = {"model": self.model.state_dict()}
+        if not weights_only:
+            state.update({
+                "optimizer": self.optimizer.state_dict(), "loader": self.loader.state_dict(),
+                "progress": dict(self.state), "rng": torch.get_rng_state(),
+                "config": self.config.to_dict(),
+            })
+            if self.device.type == "cuda":
+                state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        save_checkpoint(path, state)
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        if _comparable(ckpt.get("config")) != _comparable(self.config.to_dict()):
+            raise ValueError(
+                f"the run in {self.run_dir} was made with another recipe; resume it with the "
+                "recipe in its config.yaml (samkit train --resume RUN_DIR), or start a new run"
+            )
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.loader.load_state_dict(ckpt["loader"])
+        self.state = dict(ckpt["progress"])
+        torch.set_rng_state(ckpt["rng"])
+        if "cuda_rng" in ckpt and self.device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], self.device)
+        # metrics.jsonl may hold epochs after the checkpoint (a crash after the log line)
+        lines = _read_metrics(self.run_dir)
+        kept = [m for m in lines if m["epoch"] < self.state["epoch"]]
+        _write_metrics(self.run_dir, kept)
+
+    def _prepare_run_dir(self) -> dict[str, Any] | None:
+        """Create or reopen the run directory; return the summary of a finished run to resume."""
+        ckpt_path = self.run_dir / CHECKPOINT
+        if self.run_dir.exists() and any(self.run_dir.iterdir()):
+            if not self.resume:
+                raise ValueError(
+                    f"run directory {self.run_dir} exists; resume it with --resume, or choose "
+                    "another run.name / run.out"
+                )
+            if (self.run_dir / SUMMARY).exists():
+                return json.loads((self.run_dir / SUMMARY).read_text())
+            if ckpt_path.exists():
+                self._restore(load_checkpoint(ckpt_path, map_location=self.device))
+                self.log(f"resuming {self.run_dir} at epoch {self.state['epoch']}, "
+                         f"step {self.state['step']}")
+                return None
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(
+            yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        write_json(self.run_dir / "env.json", environment(self.device))
+        write_json(self.run_dir / "split.json", self.data.split)
+        return None
+
+    # ----------------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Train to the end (or to an interruption) and return the summary."""
+        self._setup()
+        self.state = self._fresh_state()
+        finished = self._prepare_run_dir()
+        if finished is not None:
+            self.log(f"{self.run_dir} is finished already")
+            return finished
+        epochs = self.config.schedule.epochs
+        with _stop_on_signals() as flag:
+            while self.state["epoch"] < epochs:
+                self._train_epoch(flag)
+                self._end_epoch()
+        return self._finish()
+
+    def _train_epoch(self, flag: dict[str, bool]) -> None:
+        c, st = self.config, self.state
+        epoch = st["epoch"]
+        self.optimizer.set_epoch(epoch)
+        self.loss_fn.set_epoch(epoch)
+        rho = rho_at(c.optim, epoch, c.schedule.epochs)
+        if rho is not None:
+            for group in self.optimizer.param_groups:
+                group["rho"] = rho
+        steps = len(self.loader)
+        if c.run.max_steps_per_epoch is not None:
+            steps = min(steps, c.run.max_steps_per_epoch)
+        self.model.train()
+        bar = tqdm(total=steps, initial=st["step"], desc=f"epoch {epoch + 1}/{c.schedule.epochs}",
+                   leave=False, disable=not self.progress, unit="step")
+        start = time.perf_counter()
+        loss_sum = torch.tensor(st["loss_sum"], dtype=torch.float64, device=self.device)
+        correct = torch.tensor(st["correct"], dtype=torch.int64, device=self.device)
+        for x, y in self.loader:
+            t = epoch + st["step"] / steps
+            factor = lr_factor(c.schedule, t)
+            for group, lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+                group["lr"] = lr * factor
+            out = self.optimizer.step(lambda x=x: self.model(x), y)
+            st["step"] += 1
+            st["global_step"] += 1
+            st["seen"] += len(y)
+            if self.optimizer.last_step_skipped:
+                st["nonfinite"] += 1
+                st["consecutive_nonfinite"] += 1
+                if st["consecutive_nonfinite"] >= c.run.max_nonfinite:
+                    raise TrainingError(
+                        f"{st['consecutive_nonfinite']} non-finite steps in a row at epoch "
+                        f"{epoch + 1}, step {st['step']}: the run stopped; the last good "
+                        f"checkpoint in {self.run_dir} is kept. Lower optim.lr or the radius, "
+                        "or check the data"
+                    )
+            else:
+                st["consecutive_nonfinite"] = 0
+                loss_sum += out.loss.double() * len(y)
+                correct += (out.logits.argmax(1) == y).sum()
+                st["counted"] += len(y)
+            bar.update(1)
+            if self.on_step is not None:
+                self.on_step(self, epoch, st["step"])
+            if st["step"] >= steps:
+                break
+            if flag["stop"]:
+                st["train_time"] += time.perf_counter() - start
+                st["loss_sum"], st["correct"] = float(loss_sum), int(correct)
+                self._checkpoint(self.run_dir / CHECKPOINT)
+                bar.close()
+                raise Interrupted(self.run_dir)
+        bar.close()
+        st["train_time"] += time.perf_counter() - start
+        st["loss_sum"], st["correct"] = float(loss_sum), int(correct)
+        if self.loader.position != 0 and st["step"] >= steps:
+            self.loader.set_epoch(epoch + 1)  # an epoch cut short by max_steps_per_epoch
+
+    def _end_epoch(self) -> None:
+        c, st = self.config, self.state
+        epoch = st["epoch"]
+        counted = max(st["counted"], 1)
+        record: dict[str, Any] = {
+            "epoch": epoch, "train_loss": st["loss_sum"] / counted,
+            "train_acc": st["correct"] / counted, "lr": self.optimizer.param_groups[0]["lr"],
+            "nonfinite_steps": st["nonfinite"], "train_time_s": st["train_time"],
+        }
+        last = epoch + 1 == c.schedule.epochs
+        if last or (epoch + 1) % c.run.eval_every == 0:
+            record.update(self.evaluate())
+            best = st["best"]
+            if best is None or record["overall"] > best["overall"]:
+                st["best"] = {k: record[k] for k in ("epoch", "overall", "many", "medium", "few")}
+                self._checkpoint(self.run_dir / BEST, weights_only=True)
+        st.update(epoch=epoch + 1, step=0, loss_sum=0.0, correct=0, counted=0)
+        _append_metrics(self.run_dir, record)
+        self._checkpoint(self.run_dir / CHECKPOINT)
+        if "overall" in record:
+            self.log(f"epoch {epoch + 1}/{c.schedule.epochs}: train loss "
+                     f"{record['train_loss']:.4f}, test overall {record['overall']:.4f} "
+                     f"(many {_fmt(record['many'])}, medium {_fmt(record['medium'])}, "
+                     f"few {_fmt(record['few'])})")
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Test-set metrics: overall (mean per-class accuracy), many/medium/few, per class, ECE."""
+        was_training = self.model.training
+        self.model.eval()
+        logits, labels = [], []
+        self.test_loader.set_epoch(0)
+        for x, y in self.test_loader:
+            logits.append(self.model(x).float())
+            labels.append(y)
+        self.model.train(was_training)
+        z, y = torch.cat(logits), torch.cat(labels)
+        per_class = per_class_accuracy(z, y, self.num_classes)
+        groups = group_accuracy(per_class, self.data.groups)
+        test_loss = float(torch.nn.functional.cross_entropy(z, y))
+        return {**{k: _num(v) for k, v in groups.items()}, "test_loss": test_loss,
+                "ece": _num(expected_calibration_error(z, y, bins=15)),
+                "per_class": [_num(v) for v in per_class.tolist()]}
+
+    def _finish(self) -> dict[str, Any]:
+        metrics = _read_metrics(self.run_dir)
+        last = metrics[-1]
+        st = self.state
+        summary = {
+            "method": self.config.optim.method, "run": str(self.run_dir),
+            "epochs": self.config.schedule.epochs,
+            "last": {k: last.get(k) for k in ("epoch", "overall", "many", "medium", "few",
+                                               "test_loss", "ece")},
+            "best": st["best"], "per_class": last.get("per_class"),
+            "counts": self.data.counts, "groups": self.data.groups,
+            "thresholds": {"many": self.data.thresholds[0], "few": self.data.thresholds[1]},
+            "images_per_second": st["seen"] / st["train_time"] if st["train_time"] else None,
+            "train_time_s": st["train_time"], "steps": st["global_step"],
+            "nonfinite_steps": st["nonfinite"],
+            "peak_memory_mb": _peak_memory_mb(self.device),
+            "note": "'last' is the final epoch; 'best' is the best test epoch (optimistic).",
+        }
+        write_json(self.run_dir / SUMMARY, summary)
+        try:
+            from samkit.report.plots import plot_run
+
+            plot_run(self.run_dir)
+        except Exception as err:  # a plot must never cost a finished run
+            self.log(f"warning: plots not written ({err})")
+        return summary
+
+
+def _comparable(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A recipe without where its run lives (a run directory may be moved or renamed)."""
+    if config is None:
+        return None
+    run = {k: v for k, v in config["run"].items() if k not in ("out", "name")}
+    return {**config, "run": run}
+
+
+def _flip_only(batch: Tensor, generator: torch.Generator) -> Tensor:
+    coin = torch.rand(batch.shape[0], generator=generator) < 0.5
+    return hflip_where(batch, coin.to(batch.device))
+
+
+def _num(value: float) -> float | None:
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / METRICS
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_metrics(run_dir: Path, records: list[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    (run_dir / METRICS).write_text(text)
+
+
+def _append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    with open(run_dir / METRICS, "a") as f:
+        f.write(json.dumps(record) + "\n")
