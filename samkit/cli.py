@@ -65,10 +65,60 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     last = summary["last"]
     print(f"run: {trainer.run_dir}")
-    print(f"last epoch: overall {last['overall']:.4f}, many {last['many']}, "
-          f"medium {last['medium']}, few {last['few']}")
+    groups = ", ".join(f"{k} {'n/a' if last[k] is None else format(last[k], '.4f')}"
+                       for k in ("many", "medium", "few"))
+    print(f"last epoch: overall {last['overall']:.4f}, {groups}")
     print(f"summary: {trainer.run_dir / 'summary.json'}")
     print(f"plots: {trainer.run_dir / 'plots'}/per_class.png, curves.png")
+    return 0
+
+
+def _ints(text: str | None) -> list[int] | None:
+    return None if text is None else [int(v) for v in text.split(",")]
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from samkit.report.compare import expand, run_all
+    from samkit.report.table import write_report
+    from samkit.train.config import ConfigError
+    from samkit.train.loop import Interrupted, TrainingError
+
+    try:
+        runs = expand(args.recipe, args.overrides, seeds=_ints(args.seeds),
+                      only=args.methods.split(",") if args.methods else None)
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.plan:
+        for planned in runs:
+            state = "done" if (planned.run_dir / "summary.json").exists() else "to run"
+            print(f"{planned.run_dir}  [{planned.label}, seed {planned.seed}]  {state}")
+        return 0
+    try:
+        run_dirs = run_all(runs, progress=not args.quiet)
+    except Interrupted as stop:
+        print(f"interrupted in {stop.run_dir}; run the same command again to continue",
+              file=sys.stderr)
+        return 130
+    except (TrainingError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    out = Path(runs[0].config.run.out) / "report"
+    for path in write_report(run_dirs, out):
+        print(f"wrote {path}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from samkit.report.table import write_report
+
+    try:
+        paths = write_report(args.run_dirs, args.out)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(f"wrote {path}")
     return 0
 
 
@@ -113,6 +163,29 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--print-config", action="store_true",
                        help="print the resolved recipe and exit")
     train.set_defaults(func=_train)
+
+    compare = sub.add_parser(
+        "compare", help="train a grid of methods x seeds and write one report",
+        description="Train every method x seed (x grid value) of a compare recipe on the same "
+                    "protocol and write report.md, report.csv and plots into OUT/report. Finished "
+                    "runs are skipped and interrupted ones resume: run it again to continue. See "
+                    "configs/ for recipes and samkit/report/compare.py for the format.")
+    compare.add_argument("recipe", help="compare recipe (YAML with base, out, seeds, methods)")
+    compare.add_argument("overrides", nargs="*", metavar="key=value",
+                         help="overrides applied to every run's recipe")
+    compare.add_argument("--seeds", help="comma-separated seeds, replacing the recipe's")
+    compare.add_argument("--methods", help="comma-separated method labels, a subset")
+    compare.add_argument("--plan", action="store_true", help="list the runs and exit")
+    compare.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    compare.set_defaults(func=_compare)
+
+    report = sub.add_parser(
+        "report", help="build the compare report from finished runs",
+        description="Group finished run directories by label (method) and write report.md, "
+                    "report.csv, accuracy_vs_throughput.png, per_class.png and curves.png.")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    report.add_argument("--out", default="report", help="output directory (default: report)")
+    report.set_defaults(func=_report)
 
     methods = sub.add_parser("methods", help="list the optimizers",
                              description="List the optimizers samkit registers, by name.")

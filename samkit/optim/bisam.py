@@ -54,6 +54,8 @@ class BiSAM(SharpnessAware):
     ``loss_fn=samkit.losses.CrossEntropy(label_smoothing=0.1)`` (or any per-sample loss) for that.
     """
 
+    passes = "2F 2B"
+
     needs_labels = True
 
     def __init__(

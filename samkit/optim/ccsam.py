@@ -47,6 +47,8 @@ class CCSAM(ClassAware):
         form: "classifier" (default) or "full".
     """
 
+    passes = "~1F 1B (classifier); (1+P)F (1+2P)B (full, P classes in the batch)"
+
     radius_keys = ()
 
     def __init__(

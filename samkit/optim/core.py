@@ -115,8 +115,10 @@ class SharpnessAware(torch.optim.Optimizer):
 
     #: whether `step` needs labels (class-aware methods and BiSAM); if so, `step(closure)` is refused.
     needs_labels: bool = False
-    #: the radius keys that each param group carries, with their meaning, for validation messages.
+    #: the radius keys that each param group carries (validated, defaulted per group).
     radius_keys: tuple[str, ...] = ("rho",)
+    #: forward (F) and backward (B) passes through the network per step.
+    passes: str = ""
 
     def __init__(
         self,

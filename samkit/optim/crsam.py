@@ -31,6 +31,8 @@ class CRSAM(SharpnessAware):
         b: weight of the gradient-norm term, the authors' "beta" (default 0.01), >= 0.
     """
 
+    passes = "3F 3B"
+
     def __init__(
         self,
         params: Iterable[Any],

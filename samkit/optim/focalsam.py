@@ -34,6 +34,8 @@ class FocalSAM(ClassAware):
     gamma = 0, lam = 1 is SAM; lam = 0 is the base optimizer.
     """
 
+    passes = "2F 3B"
+
     def __init__(
         self,
         params: Iterable[Any],

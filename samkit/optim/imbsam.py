@@ -30,6 +30,8 @@ class ImbSAM(ClassAware):
         kappa: weight of the tail loss; 1 in the paper, 2 in the authors' current code.
     """
 
+    passes = "2F 3B"
+
     def __init__(
         self,
         params: Iterable[Any],

@@ -20,6 +20,7 @@ class Plain(SharpnessAware):
     """
 
     radius_keys = ()
+    passes = "1F 1B"
 
     def __init__(
         self,

@@ -29,6 +29,8 @@ class SAM(SharpnessAware):
     ``step(closure)`` with a torch-style closure (forward, backward, return loss) returns the loss.
     """
 
+    passes = "2F 2B"
+
     def __init__(
         self,
         params: Iterable[Any],

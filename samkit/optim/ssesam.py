@@ -36,6 +36,8 @@ class SSESAM(ClassAware):
     Call ``set_epoch(epoch)`` (0-based) at the start of each epoch; the epoch is saved in the state.
     """
 
+    passes = "3F 4B, then 2F 3B"
+
     radius_keys = ("rho_head", "rho_tail")
 
     def __init__(

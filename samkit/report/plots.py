@@ -22,6 +22,9 @@ def plot_per_class(run_dir: str | Path, out: str | Path) -> None:
         xs = [c for c, g in zip(counts, groups, strict=True) if g == group]
         ys = [a for a, g in zip(acc, groups, strict=True) if g == group]
         ax.scatter(xs, ys, color=colour, label=f"{group} ({len(xs)})")
+    for name, c, a in zip(summary.get("classes") or [], counts, acc, strict=False):
+        if a is not None:
+            ax.annotate(name, (c, a), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("training images of the class")
     ax.set_ylabel("test accuracy")

@@ -236,6 +236,7 @@ class Trainer:
                                   **c.loss.kwargs).to(self.device)
         self.optimizer = make_optimizer(c, self.model, self.data.counts, self.loss_fn)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.model.register_forward_pre_hook(self._count_forward)
         augment = None
         if c.data.augment != "none" and train.images.dim() == 4:
             size = tuple(train.images.shape[-2:])
@@ -249,8 +250,13 @@ class Trainer:
                                        device=self.device, mean=self.data.mean,
                                        std=self.data.std)
 
+    def _count_forward(self, module: nn.Module, args: Any) -> None:
+        if module.training:
+            self.state["forwards"] += 1
+
     def _fresh_state(self) -> dict[str, Any]:
         return {"epoch": 0, "step": 0, "global_step": 0, "train_time": 0.0, "seen": 0,
+                "forwards": 0,
                 "nonfinite": 0, "consecutive_nonfinite": 0, "best": None,
                 "loss_sum": 0.0, "correct": 0, "counted": 0}
 
@@ -275,7 +281,7 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.loader.load_state_dict(ckpt["loader"])
-        self.state = dict(ckpt["progress"])
+        self.state = {**self._fresh_state(), **ckpt["progress"]}
         torch.set_rng_state(ckpt["rng"])
         if "cuda_rng" in ckpt and self.device.type == "cuda":
             torch.cuda.set_rng_state(ckpt["cuda_rng"], self.device)
@@ -432,15 +438,19 @@ class Trainer:
         last = metrics[-1]
         st = self.state
         summary = {
-            "method": self.config.optim.method, "run": str(self.run_dir),
+            "method": self.config.optim.method,
+            "label": self.config.run.label or self.config.optim.method,
+            "seed": self.config.run.seed, "run": str(self.run_dir),
             "epochs": self.config.schedule.epochs,
             "last": {k: last.get(k) for k in ("epoch", "overall", "many", "medium", "few",
                                                "test_loss", "ece")},
             "best": st["best"], "per_class": last.get("per_class"),
-            "counts": self.data.counts, "groups": self.data.groups,
+            "classes": self.data.train.classes, "counts": self.data.counts,
+            "groups": self.data.groups,
             "thresholds": {"many": self.data.thresholds[0], "few": self.data.thresholds[1]},
             "images_per_second": st["seen"] / st["train_time"] if st["train_time"] else None,
             "train_time_s": st["train_time"], "steps": st["global_step"],
+            "forwards_per_step": st["forwards"] / max(st["global_step"], 1),
             "nonfinite_steps": st["nonfinite"],
             "peak_memory_mb": _peak_memory_mb(self.device),
             "note": "'last' is the final epoch; 'best' is the best test epoch (optimistic).",

@@ -1,0 +1,143 @@
+"""Time per optimizer step of every samkit method, against the floor its passes imply.
+
+    python benchmarks/step_time.py                      # ResNet-32, batch 128, CPU
+    python benchmarks/step_time.py --device cuda --reps 50
+
+For each method: the median step time divided by the median plain-SGD step time, next to the floor
+(nF tF + nB tB) / (tF + tB), where tF and tB are the median forward and backward times of the same
+model and batch, and nF, nB the method's passes. `pytorch_optimizer.SAM` (if installed) is timed in the
+same rounds. Methods are interleaved round by round, so slow drifts of the machine hit all alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch.nn import functional as F
+
+import samkit.optim as so
+from samkit.models import build_model
+
+NUM_CLASSES = 10
+COUNTS = [int(5000 * 100 ** (-i / 9)) for i in range(NUM_CLASSES)]  # CIFAR-10-LT, ratio 100
+
+# name -> (constructor kwargs, (forwards, backwards)); P = classes present in the batch
+METHODS: dict[str, tuple[dict, tuple[int, int]]] = {
+    "plain": ({}, (1, 1)),
+    "sam": ({"rho": 0.05}, (2, 2)),
+    "asam": ({"rho": 0.5}, (2, 2)),
+    "imbsam": ({"class_counts": COUNTS, "eta": 200}, (2, 3)),
+    "focalsam": ({"class_counts": COUNTS}, (2, 3)),
+    "ssesam-stage1": ({"class_counts": COUNTS, "total_epochs": 10, "eta": 200}, (3, 4)),
+    "ssesam-stage2": ({"class_counts": COUNTS, "total_epochs": 10, "eta": 200, "gamma": 0.1},
+                      (2, 3)),
+    "bisam": ({"rho": 0.05}, (2, 2)),
+    "crsam": ({}, (3, 3)),
+    "ccsam": ({"class_counts": COUNTS, "s": 0.01}, (1, 1)),
+    "ccsam-full": ({"class_counts": COUNTS, "s": 0.01, "form": "full"}, (-1, -1)),
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="resnet32")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=15, help="timed rounds per method")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = build_model(args.model, num_classes=NUM_CLASSES).to(device)
+    x = torch.randn(args.batch, 3, 32, 32, device=device)
+    y = torch.randint(0, NUM_CLASSES, (args.batch,), device=device)
+    present = len(torch.unique(y))
+
+    # forward and backward alone
+    t_f, t_b = [], []
+    for i in range(args.warmup + args.reps):
+        sync(device)
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        sync(device)
+        t1 = time.perf_counter()
+        loss.backward()
+        sync(device)
+        t2 = time.perf_counter()
+        model.zero_grad(set_to_none=True)
+        if i >= args.warmup:
+            t_f.append(t1 - t0)
+            t_b.append(t2 - t1)
+    tf, tb = statistics.median(t_f), statistics.median(t_b)
+
+    steps: dict[str, Callable[[], object]] = {}
+    passes: dict[str, tuple[int, int]] = {}
+    for name in args.methods.split(","):
+        kwargs, (nf, nb) = METHODS[name]
+        kwargs = dict(kwargs)
+        if name.startswith("ccsam") and kwargs.get("form") != "full":
+            kwargs["head"] = model.head
+        opt = so.create(name.split("-")[0], model.parameters(), lr=1e-4, momentum=0.9, **kwargs)
+        opt.set_epoch(5)
+        steps[name] = lambda opt=opt: opt.step(lambda: model(x), y)
+        passes[name] = (1 + present, 1 + 2 * present) if nf < 0 else (nf, nb)
+    try:
+        from pytorch_optimizer import SAM as ReferenceSAM
+
+        ref = ReferenceSAM(model.parameters(), base_optimizer=torch.optim.SGD, rho=0.05,
+                           lr=1e-4, momentum=0.9)
+
+        def ref_step() -> None:
+            F.cross_entropy(model(x), y).backward()
+            ref.first_step(zero_grad=True)
+            F.cross_entropy(model(x), y).backward()
+            ref.second_step(zero_grad=True)
+
+        steps["pytorch_optimizer.SAM"] = ref_step
+        passes["pytorch_optimizer.SAM"] = (2, 2)
+    except ImportError:
+        print("pytorch_optimizer is not installed: pip install -e .[bench] to compare with it")
+
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(args.warmup + args.reps):
+        for name, step in steps.items():
+            t = timed(step, device)
+            if i >= args.warmup:
+                times[name].append(t)
+
+    base = statistics.median(times["plain"]) if "plain" in times else tf + tb
+    print(f"# {args.model}, batch {args.batch}, {device}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(f"# forward {tf * 1e3:.1f} ms, backward {tb * 1e3:.1f} ms, plain step {base * 1e3:.1f} ms, "
+          f"{args.reps} rounds, {present} classes in the batch")
+    print("| method | passes | ms/step | x SGD | floor | x floor |")
+    print("|---|---|---|---|---|---|")
+    for name, ts in times.items():
+        nf, nb = passes[name]
+        med = statistics.median(ts)
+        floor = (nf * tf + nb * tb) / (tf + tb)
+        print(f"| {name} | {nf}F {nb}B | {med * 1e3:.1f} | {med / base:.2f} | {floor:.2f} | "
+              f"{med / base / floor:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""One report from many runs: a Markdown and a CSV table (mean and spread over seeds) and plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+GROUPS = ("overall", "many", "medium", "few")
+
+
+@dataclass
+class Row:
+    """One method (label) over its seeds."""
+
+    label: str
+    method: str
+    seeds: list[int] = field(default_factory=list)
+    last: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    best_overall: list[float] = field(default_factory=list)
+    images_per_second: list[float] = field(default_factory=list)
+    forwards_per_step: list[float] = field(default_factory=list)
+    peak_memory_mb: list[float] = field(default_factory=list)
+    train_time_s: list[float] = field(default_factory=list)
+    per_class: list[list[float]] = field(default_factory=list)
+    curves: list[list[tuple[int, float]]] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+    thresholds: dict[str, int] = field(default_factory=dict)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value); NaN for no values."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def load_runs(run_dirs: list[str | Path]) -> list[Row]:
+    """Group finished runs by label (run.label, else the method), in first-seen order."""
+    rows: dict[str, Row] = {}
+    for run_dir in map(Path, run_dirs):
+        path = run_dir / "summary.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{run_dir} has no summary.json: it is not a finished run")
+        s = json.loads(path.read_text())
+        label = s.get("label") or s["method"]
+        row = rows.setdefault(label, Row(label, s["method"]))
+        if row.counts and (row.counts != s["counts"] or row.thresholds != s["thresholds"]):
+            raise ValueError(f"{run_dir} was trained on another split than the other runs of "
+                             f"{label}; a row must share one protocol")
+        row.counts, row.thresholds = s["counts"], s["thresholds"]
+        row.seeds.append(s.get("seed", 0))
+        for g in GROUPS:
+            row.last[g].append(math.nan if s["last"][g] is None else s["last"][g])
+        row.best_overall.append(s["best"]["overall"] if s.get("best") else math.nan)
+        row.images_per_second.append(s["images_per_second"] or math.nan)
+        row.forwards_per_step.append(s.get("forwards_per_step", math.nan))
+        row.peak_memory_mb.append(s.get("peak_memory_mb", math.nan))
+        row.train_time_s.append(s["train_time_s"])
+        row.per_class.append([math.nan if a is None else a for a in s["per_class"]])
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        records = [json.loads(x) for x in lines if x.strip()]
+        row.curves.append([(r["epoch"] + 1, r["overall"]) for r in records if "overall" in r])
+    return list(rows.values())
+
+
+def _passes(method: str) -> str:
+    import samkit.optim as so
+
+    try:
+        return so.get(method).passes
+    except ValueError:
+        return "?"
+
+
+def table_rows(rows: list[Row]) -> list[dict[str, Any]]:
+    """The report's numbers, one dict per row (the CSV's rows)."""
+    out = []
+    for row in rows:
+        record: dict[str, Any] = {"label": row.label, "method": row.method, "seeds": len(row.seeds)}
+        for g in GROUPS:
+            record[f"{g}_mean"], record[f"{g}_std"] = mean_std(row.last[g])
+        record["best_overall_mean"], _ = mean_std(row.best_overall)
+        record["images_per_second"], _ = mean_std(row.images_per_second)
+        record["forwards_per_step"], _ = mean_std(row.forwards_per_step)
+        record["passes"] = _passes(row.method)
+        record["peak_memory_mb"] = max(row.peak_memory_mb)
+        record["train_time_s"], _ = mean_std(row.train_time_s)
+        out.append(record)
+    return out
+
+
+def _pct(mean: float, std: float) -> str:
+    return "n/a" if math.isnan(mean) else f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def markdown(rows: list[Row]) -> str:
+    records = table_rows(rows)
+    th = rows[0].thresholds if rows else {}
+    lines = [
+        "Accuracy (%) at the last epoch on the balanced test set, mean ± standard deviation over "
+        f"seeds; many > {th.get('many')} and few < {th.get('few')} training images. 'best' is the "
+        "best test epoch's overall accuracy (optimistic: chosen on the test set).",
+        "",
+        "| method | seeds | overall | many | medium | few | best | images/s | passes | "
+        "forwards/step | peak MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        lines.append(
+            f"| {r['label']} | {r['seeds']} | {_pct(r['overall_mean'], r['overall_std'])} | "
+            f"{_pct(r['many_mean'], r['many_std'])} | {_pct(r['medium_mean'], r['medium_std'])} | "
+            f"{_pct(r['few_mean'], r['few_std'])} | {100 * r['best_overall_mean']:.1f} | "
+            f"{r['images_per_second']:.0f} | {r['passes']} | {r['forwards_per_step']:.2f} | "
+            f"{r['peak_memory_mb']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dirs: list[str | Path], out: str | Path) -> list[Path]:
+    """Write report.md, report.csv and the plots for `run_dirs` into `out`; return the paths."""
+    rows = load_runs(run_dirs)
+    if not rows:
+        raise ValueError("no runs to report")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "report.md", out / "report.csv", out / "accuracy_vs_throughput.png",
+             out / "per_class.png", out / "curves.png"]
+    paths[0].write_text(markdown(rows))
+    records = table_rows(rows)
+    with open(paths[1], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+    _plot_tradeoff(records, paths[2])
+    _plot_per_class(rows, paths[3])
+    _plot_curves(rows, paths[4])
+    return paths
+
+
+def _plot_tradeoff(records: list[dict[str, Any]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for r in records:
+        ax.errorbar(r["images_per_second"], 100 * r["overall_mean"],
+                    yerr=100 * r["overall_std"], fmt="o", capsize=3)
+        ax.annotate(r["label"], (r["images_per_second"], 100 * r["overall_mean"]),
+                    textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("training throughput (images/s)")
+    ax.set_ylabel("overall test accuracy (%)")
+    ax.set_title("accuracy against cost (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_per_class(rows: list[Row], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        acc = [statistics.fmean(v) for v in zip(*row.per_class, strict=True)]
+        order = sorted(range(len(row.counts)), key=lambda i: row.counts[i])
+        ax.plot([row.counts[i] for i in order], [100 * acc[i] for i in order], marker="o",
+                label=row.label, alpha=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("training images of the class")
+    ax.set_ylabel("test accuracy (%), mean over seeds")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_curves(rows: list[Row], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        by_epoch: dict[int, list[float]] = defaultdict(list)
+        for curve in row.curves:
+            for epoch, value in curve:
+                by_epoch[epoch].append(value)
+        epochs = sorted(by_epoch)
+        ax.plot(epochs, [100 * statistics.fmean(by_epoch[e]) for e in epochs], marker=".",
+                label=row.label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("overall test accuracy (%), mean over seeds")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
