@@ -413,3 +413,25 @@ def test_bisam_bound_lies_below_the_zero_one_loss() -> None:
     # phi(0) = 0 for the log bound: equal logits give Q = log(K) / mu exactly.
     q = so.lower_bound(torch.zeros(3, 4), torch.tensor([0, 1, 2]), "log", mu=2.0)
     torch.testing.assert_close(q, torch.full((3,), float(torch.log(torch.tensor(4.0))) / 2))
+
+
+# ---- no host syncs -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_step_reads_no_tensor_value_on_the_host(name: str, monkeypatch) -> None:
+    """The hot path keeps norms and coefficients as tensors: reading any tensor's value on the host
+    (item, bool, int, float, tolist) inside a step fails this test. Label checks are off, as they
+    are on accelerators by default."""
+    model = make_model("conv")
+    opt = make(name, model, check_labels=False)
+    (x, y), = batches("conv", 1)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tensor value was read on the host inside step()")
+
+    for attr in ("item", "__bool__", "__int__", "__float__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, attr, refuse)
+    opt.step(lambda: model(x), y)
+    monkeypatch.undo()
+    assert all(p.grad is not None for p in model.parameters())

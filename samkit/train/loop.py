@@ -328,6 +328,8 @@ class Trainer:
             while self.state["epoch"] < epochs:
                 self._train_epoch(flag)
                 self._end_epoch()
+                if flag["stop"] and self.state["epoch"] < epochs:
+                    raise Interrupted(self.run_dir)  # the epoch's checkpoint is saved
         return self._finish()
 
     def _train_epoch(self, flag: dict[str, bool]) -> None:
