@@ -10,11 +10,15 @@ from pathlib import Path
 
 import pytest
 
+import samkit.optim as so
 from samkit.cli import main
+from samkit.data import long_tail_counts
+from samkit.losses import CrossEntropy
+from samkit.models import build_model
 from samkit.report.compare import expand, run_all
 from samkit.report.table import mean_std, write_report
-from samkit.train.config import ConfigError
-from samkit.train.loop import Interrupted, Trainer
+from samkit.train.config import ConfigError, load_config
+from samkit.train.loop import Interrupted, Trainer, make_optimizer
 
 FASHION = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fashion-mnist"
 
@@ -119,8 +123,17 @@ def test_compare_command_plans(tmp_path: Path, capsys: pytest.CaptureFixture) ->
                                                  str(tmp_path / "cmp" / "sam-s3")]
 
 
-def test_shipped_compare_recipes_expand() -> None:
+def test_shipped_recipes_build_every_optimizer() -> None:
+    """Each planned run of each shipped recipe resolves and builds its optimizer."""
     configs = Path(__file__).resolve().parents[1] / "configs"
+    model = build_model("mlp", num_classes=10, in_channels=1)
+    counts = long_tail_counts(5000, 10, 100)
     for path in sorted(configs.glob("compare_*.yaml")):
         runs = expand(path)
         assert len(runs) >= 4, path
+        for planned in runs:
+            opt = make_optimizer(planned.config, model, counts, CrossEntropy())
+            assert type(opt) is so.get(planned.config.optim.method), planned.label
+    for path in sorted(set(configs.glob("*.yaml")) - set(configs.glob("compare_*.yaml"))):
+        config = load_config(path)
+        assert config.optim.method in so.available(), path

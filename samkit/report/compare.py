@@ -11,7 +11,9 @@ A compare recipe is YAML:
         optim: {method: focalsam, kwargs: {rho: 0.1, gamma: 2.0, lam: 0.8}}
         grid: {optim.kwargs.rho: [0.05, 0.1]}
 
-Every run gets its own directory, out/<label>[-key=value...]-s<seed>. Finished runs are skipped and
+A method's `kwargs` (optim.kwargs, loss.kwargs) replace the base recipe's rather than merge with
+them, since hyperparameters of one method do not fit another. Every run gets its own directory,
+out/<label>[-key=value...]-s<seed>. Finished runs are skipped and
 interrupted ones resume, so a compare can be stopped and started again at no cost.
 """
 
@@ -96,6 +98,9 @@ def expand(spec: dict[str, Any] | str | Path, overrides: list[str] | None = None
     for seed in seeds:  # seed-major: a partial compare already holds every method once
         for label, row, stem, entry, point in points:
             tree = _merge(base, entry)
+            for section, values in entry.items():  # a method's kwargs replace the base's
+                if isinstance(values, dict) and isinstance(values.get("kwargs"), dict):
+                    tree[section]["kwargs"] = copy.deepcopy(values["kwargs"])
             for key, value in point.items():
                 _set(tree, key, value)
             run = {"out": out, "name": f"{stem}-s{seed}", "seed": seed, "label": row}
