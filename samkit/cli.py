@@ -122,6 +122,29 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sharpness(args: argparse.Namespace) -> int:
+    from samkit.analysis.run import analyse_run
+
+    try:
+        results = analyse_run(args.run_dir, what=tuple(args.what.split(",")),
+                              checkpoint=args.checkpoint, per_class=args.per_class, rho=args.rho,
+                              eta=args.eta, hvps=args.hvps, seed=args.seed, out=args.out,
+                              progress=not args.quiet)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path(args.run_dir) / "sharpness"
+    if "normalized_trace" in results:
+        t = results["trace"]
+        print(f"trace {t['estimate']:.4g} +- {t['stderr']:.2g}; normalised trace "
+              f"{results['normalized_trace']['value']:.4g}")
+    if "eigen" in results:
+        e = results["eigen"]
+        print(f"top eigenvalues {e['top']}; bottom {e['bottom']}")
+    print(f"wrote {out / 'sharpness.json'} and plots in {out}")
+    return 0
+
+
 def _methods(args: argparse.Namespace) -> int:
     import samkit.optim as so
 
@@ -186,6 +209,29 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     report.add_argument("--out", default="report", help="output directory (default: report)")
     report.set_defaults(func=_report)
+
+    from samkit.analysis.run import QUANTITIES
+
+    sharp = sub.add_parser(
+        "sharpness", help="curvature and sharpness diagnostics of a trained run",
+        description="Hessian trace (Hutch++) and CR-SAM's normalised trace, extreme eigenvalues "
+                    "(Lanczos), spectral density (SLQ), class-wise and group sharpness, saddle "
+                    "indicators of the head and tail losses, and 1D/2D loss-landscape slices, on "
+                    "the run's model and a class-stratified batch of its training data. Writes "
+                    "RUN_DIR/sharpness/sharpness.json and plots.")
+    sharp.add_argument("run_dir", metavar="RUN_DIR")
+    sharp.add_argument("--what", default=",".join(QUANTITIES),
+                       help=f"comma-separated subset of {', '.join(QUANTITIES)} (default: all)")
+    sharp.add_argument("--checkpoint", choices=("last", "best"), default="last")
+    sharp.add_argument("--per-class", type=int, default=64,
+                       help="training images per class in the analysis batch (default 64)")
+    sharp.add_argument("--rho", type=float, default=0.05, help="sharpness radius (default 0.05)")
+    sharp.add_argument("--eta", type=int, help="tail threshold (default: the run's few-shot one)")
+    sharp.add_argument("--hvps", type=int, default=60, help="Hutch++ budget (default 60)")
+    sharp.add_argument("--seed", type=int, default=0)
+    sharp.add_argument("--out", help="output directory (default RUN_DIR/sharpness)")
+    sharp.add_argument("--quiet", "-q", action="store_true")
+    sharp.set_defaults(func=_sharpness)
 
     methods = sub.add_parser("methods", help="list the optimizers",
                              description="List the optimizers samkit registers, by name.")
