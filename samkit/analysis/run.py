@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from samkit.analysis.estimators import extreme_eigenvalues, hutchpp_trace, spectral_density
+from samkit.analysis.estimators import extreme_eigenvalues, spectral_density
 from samkit.analysis.hvp import HessianOperator
 from samkit.analysis.landscape import slice_1d, slice_2d
 from samkit.analysis.plots import (
