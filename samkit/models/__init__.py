@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from samkit.models.heads import HEAD_KINDS, NormedLinear, make_head
+from samkit.models.heads import HEAD_KINDS, Classifier, NormedLinear, make_head
 from samkit.models.resnet import BasicBlock, ResNet, resnet18_cifar, resnet34_cifar
 from samkit.models.resnet_cifar import (
     BasicBlockA,
@@ -34,6 +34,7 @@ from samkit.models.small import CNN1D, MLP, SmallCNN
 
 __all__ = [
     "CNN1D",
+    "Classifier",
     "HEAD_KINDS",
     "MLP",
     "BasicBlock",

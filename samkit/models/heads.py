@@ -87,3 +87,22 @@ def make_head(kind: str, in_features: int, num_classes: int) -> nn.Module:
     if kind == "normed":
         return NormedLinear(in_features, num_classes)
     raise ValueError(f"unknown head kind {kind!r}; valid kinds: {', '.join(HEAD_KINDS)}")
+
+
+class Classifier(nn.Module):
+    """A network laid out as body -> features -> head, the layout every samkit model shares.
+
+    ``head`` is the only classifier and runs last, once per forward (CC-SAM's classifier form
+    perturbs it and re-evaluates it on the features it received). Subclasses set ``body`` and
+    ``head``, or override :meth:`features`.
+    """
+
+    body: nn.Module
+    head: nn.Module
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The ``(B, feature_dim)`` features that the head receives."""
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))

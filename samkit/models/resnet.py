@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samkit.models.heads import make_head
+from samkit.models.heads import Classifier, make_head
 
 __all__ = ["BasicBlock", "ResNet", "resnet18_cifar", "resnet34_cifar"]
 
@@ -49,7 +49,7 @@ class BasicBlock(nn.Module):
         return F.relu(out + shortcut)
 
 
-class ResNet(nn.Module):
+class ResNet(Classifier):
     """ImageNet-style ResNet with a 3x3 stride-1 stem and no max-pool, classifier in ``self.head``.
 
     Args:
@@ -109,9 +109,6 @@ class ResNet(nn.Module):
         for index in range(self.num_stages):
             out = getattr(self, f"layer{index + 1}")(out)
         return torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
 
 
 def resnet18_cifar(num_classes: int = 100, in_channels: int = 3, head: str = "linear") -> ResNet:

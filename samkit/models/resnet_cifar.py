@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samkit.models.heads import make_head
+from samkit.models.heads import Classifier, make_head
 
 __all__ = ["BasicBlockA", "CifarResNet", "ShortcutA", "resnet20", "resnet32", "resnet56"]
 
@@ -75,7 +75,7 @@ class BasicBlockA(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(Classifier):
     """ResNet-(6n+2) for 32x32 images (He et al. 2016, section 4.2), classifier in ``self.head``.
 
     Args:
@@ -132,9 +132,6 @@ class CifarResNet(nn.Module):
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer3(self.layer2(self.layer1(out)))
         return torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
 
 
 def resnet20(num_classes: int = 10, in_channels: int = 3, head: str = "linear") -> CifarResNet:

@@ -19,10 +19,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import torch
 from torch import nn
 
-from samkit.models.heads import make_head
+from samkit.models.heads import Classifier, make_head
 
 __all__ = ["CNN1D", "MLP", "SmallCNN"]
 
@@ -32,7 +31,7 @@ def _check_positive(name: str, value: int) -> None:
         raise ValueError(f"{name} must be >= 1, got {value}")
 
 
-class SmallCNN(nn.Module):
+class SmallCNN(Classifier):
     """A small 2D CNN: [conv3x3-BN-ReLU-maxpool2] x len(channels), pool, optional hidden layer, head.
 
     Args:
@@ -96,15 +95,8 @@ class SmallCNN(nn.Module):
         self.num_classes = num_classes
         self.head = make_head(head, dim, num_classes)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The ``(B, feature_dim)`` features that the head receives."""
-        return self.body(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-
-class MLP(nn.Module):
+class MLP(Classifier):
     """Multi-layer perceptron: flatten, then [Linear-ReLU] for each hidden size, then the head.
 
     Args:
@@ -141,15 +133,8 @@ class MLP(nn.Module):
         self.num_classes = num_classes
         self.head = make_head(head, dim, num_classes)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The ``(B, feature_dim)`` features that the head receives."""
-        return self.body(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-
-class CNN1D(nn.Module):
+class CNN1D(Classifier):
     """1D CNN for signals of shape ``(N, in_channels, L)`` (MNIST-1D: ``(N, 1, 40)``).
 
     Each stage is Conv1d (kernel ``kernel_size``, "same" padding; stride 1 in the first stage, 2 after) -
@@ -200,10 +185,3 @@ class CNN1D(nn.Module):
         self.feature_dim = previous
         self.num_classes = num_classes
         self.head = make_head(head, previous, num_classes)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The ``(B, feature_dim)`` features that the head receives."""
-        return self.body(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
