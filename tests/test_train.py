@@ -210,3 +210,13 @@ def test_cli_methods_lists_every_optimizer(capsys: pytest.CaptureFixture) -> Non
     out = capsys.readouterr().out
     assert [line.split()[0] for line in out.splitlines()] == [
         "asam", "bisam", "ccsam", "crsam", "focalsam", "imbsam", "plain", "sam", "ssesam"]
+
+
+def test_a_users_own_model_trains(tmp_path: Path) -> None:
+    """model.name=package.module:factory builds the user's module (here a test model)."""
+    summary = Trainer(load_config(None, tiny(tmp_path, "model.name=optim_helpers:ConvNet")),
+                      progress=False).run()
+    assert summary["steps"] == 12 and 0 <= summary["last"]["overall"] <= 1
+    with pytest.raises(ValueError, match="cannot import Nope from optim_helpers"):
+        Trainer(load_config(None, tiny(tmp_path / "x", "model.name=optim_helpers:Nope")),
+                progress=False).run()

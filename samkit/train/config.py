@@ -59,7 +59,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "small-cnn"
+    name: str = "small-cnn"  # a samkit model, or your own as "package.module:factory"
     head: str = "linear"  # linear or normed (LDAM's cosine classifier)
 
 

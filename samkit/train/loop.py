@@ -10,6 +10,7 @@ resumes exactly; repeated non-finite steps stop it without touching the last goo
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import json
 import math
@@ -101,6 +102,26 @@ def prepare_data(config: Config, progress: bool = True) -> Data:
              "order": d.order, "seed": d.subsample_seed, "thresholds": {"many": many, "few": few},
              "groups": groups, "mean": mean, "std": std, "indices": [int(i) for i in indices]}
     return Data(train, test, counts, groups, (many, few), mean, std, split)
+
+
+def make_model(config: Config, num_classes: int, in_channels: int) -> nn.Module:
+    """A model of samkit's by name, or the user's own as "package.module:factory" (called with
+    whichever of num_classes, in_channels and head it accepts)."""
+    name = config.model.name
+    if ":" not in name:
+        return build_model(name, num_classes=num_classes, in_channels=in_channels,
+                           head=config.model.head)
+    module, _, attr = name.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"model.name={name}: cannot import {attr} from {module} ({err})") from None
+    offered = {"num_classes": num_classes, "in_channels": in_channels, "head": config.model.head}
+    wanted = inspect.signature(factory).parameters
+    model = factory(**{k: v for k, v in offered.items() if k in wanted})
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model.name={name} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def make_optimizer(config: Config, model: nn.Module, counts: list[int],
@@ -230,8 +251,7 @@ class Trainer:
         train = self.data.train
         self.num_classes = train.num_classes
         in_channels = train.images.shape[1]
-        self.model = build_model(c.model.name, num_classes=self.num_classes,
-                                 in_channels=in_channels, head=c.model.head).to(self.device)
+        self.model = make_model(c, self.num_classes, in_channels).to(self.device)
         self.loss_fn = build_loss(c.loss.name, class_counts=self.data.counts,
                                   **c.loss.kwargs).to(self.device)
         self.optimizer = make_optimizer(c, self.model, self.data.counts, self.loss_fn)
