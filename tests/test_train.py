@@ -164,6 +164,9 @@ def test_resume_of_a_finished_run_returns_its_summary(tmp_path: Path) -> None:
     first = Trainer(load_config(None, tiny(tmp_path)), progress=False).run()
     again = Trainer(load_config(None, tiny(tmp_path)), resume=True, progress=False).run()
     assert again["last"] == first["last"]
+    with pytest.raises(ValueError, match="finished run in .* was made with another recipe"):
+        Trainer(load_config(None, tiny(tmp_path, "optim.lr=0.2")), resume=True,
+                progress=False).run()
 
 
 def test_resume_with_another_recipe_is_refused(tmp_path: Path) -> None:

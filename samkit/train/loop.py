@@ -320,6 +320,12 @@ class Trainer:
                     "another run.name / run.out"
                 )
             if (self.run_dir / SUMMARY).exists():
+                saved = yaml.safe_load((self.run_dir / "config.yaml").read_text())
+                if _comparable(saved) != _comparable(self.config.to_dict()):
+                    raise ValueError(
+                        f"the finished run in {self.run_dir} was made with another recipe; "
+                        "choose another run.name / run.out for this one"
+                    )
                 return json.loads((self.run_dir / SUMMARY).read_text())
             if ckpt_path.exists():
                 self._restore(load_checkpoint(ckpt_path, map_location=self.device))
