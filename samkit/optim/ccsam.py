@@ -42,7 +42,9 @@ class CCSAM(ClassAware):
             called once per forward, on the final features, and its parameters optimized here.
         s: the global scale of the perturbations, >= 0. The authors' released configs use 1e-6,
             which makes e negligible (the default here, so the method is as released); treat s as
-            the radius to tune.
+            the radius to tune. rho_c grows as ||g_c||^(-1/2), so a class whose gradient nearly
+            vanishes gets a large perturbation: on Fashion-MNIST-LT with the small CNN, s = 0.01
+            collapsed training to the head class and s = 1e-4 trained well.
         beta: weight of the perturbed loss in [0, 1] (0.3 on CIFAR-10, 0.5 on CIFAR-100).
         form: "classifier" (default) or "full".
     """
