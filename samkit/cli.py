@@ -103,6 +103,14 @@ def _compare(args: argparse.Namespace) -> int:
     except (TrainingError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    if args.sharpness:
+        from samkit.analysis.run import analyse_run
+
+        for run_dir in run_dirs:
+            if not (run_dir / "sharpness" / "sharpness.json").exists():
+                if not args.quiet:
+                    print(f"sharpness of {run_dir}", flush=True)
+                analyse_run(run_dir, what=tuple(args.sharpness.split(",")), progress=not args.quiet)
     out = Path(runs[0].config.run.out) / "report"
     for path in write_report(run_dirs, out):
         print(f"wrote {path}")
@@ -199,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--seeds", help="comma-separated seeds, replacing the recipe's")
     compare.add_argument("--methods", help="comma-separated method labels, a subset")
     compare.add_argument("--plan", action="store_true", help="list the runs and exit")
+    compare.add_argument("--sharpness", metavar="WHAT",
+                         help="also run `samkit sharpness --what WHAT` on every run (e.g. "
+                              "trace,eigen,classwise) and add the numbers to the report")
     compare.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     compare.set_defaults(func=_compare)
 

@@ -137,3 +137,20 @@ def test_shipped_recipes_build_every_optimizer() -> None:
     for path in sorted(set(configs.glob("*.yaml")) - set(configs.glob("compare_*.yaml"))):
         config = load_config(path)
         assert config.optim.method in so.available(), path
+
+
+def test_report_adds_the_sharpness_of_runs_that_have_it(tmp_path: Path) -> None:
+    from samkit.analysis.run import analyse_run
+
+    s = spec(tmp_path)
+    s["methods"] = {"plain": s["methods"]["plain"]}
+    runs = run_all(expand(s, seeds=[0]), progress=False)
+    analyse_run(runs[0], what=("trace", "classwise"), per_class=4, hvps=6, progress=False)
+    result = json.loads((runs[0] / "sharpness" / "sharpness.json").read_text())
+    paths = write_report(runs, tmp_path / "report")
+    md = paths[0].read_text()
+    assert "| method | Hessian trace | trace / ||g|| | sharpness many |" in md
+    with open(paths[1]) as f:
+        row = next(csv.DictReader(f))
+    assert float(row["normalized_trace"]) == pytest.approx(result["normalized_trace"]["value"])
+    assert float(row["trace"]) == pytest.approx(result["trace"]["estimate"])

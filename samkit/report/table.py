@@ -36,6 +36,29 @@ class Row:
     curves: list[list[tuple[int, float]]] = field(default_factory=list)
     counts: list[int] = field(default_factory=list)
     thresholds: dict[str, int] = field(default_factory=dict)
+    sharpness: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+
+
+def sharpness_of(run_dir: Path, groups: list[str]) -> dict[str, float]:
+    """The headline numbers of a run's `samkit sharpness` results (empty if it has none)."""
+    path = run_dir / "sharpness" / "sharpness.json"
+    if not path.exists():
+        return {}
+    r = json.loads(path.read_text())
+    out = {}
+    if "trace" in r:
+        out["trace"] = r["trace"]["estimate"]
+        out["normalized_trace"] = r["normalized_trace"]["value"]
+    if "eigen" in r:
+        out["lambda_max"] = r["eigen"]["top"][0]
+        out["lambda_min"] = r["eigen"]["bottom"][0]
+    if "classwise" in r:
+        values = r["classwise"]["multi_step"]
+        for g in GROUPS[1:]:
+            mine = [v for v, name in zip(values, groups, strict=True) if name == g and v is not None]
+            if mine:
+                out[f"sharpness_{g}"] = statistics.fmean(mine)
+    return out
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -72,6 +95,8 @@ def load_runs(run_dirs: list[str | Path]) -> list[Row]:
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
         records = [json.loads(x) for x in lines if x.strip()]
         row.curves.append([(r["epoch"] + 1, r["overall"]) for r in records if "overall" in r])
+        for key, value in sharpness_of(run_dir, s["groups"]).items():
+            row.sharpness[key].append(value)
     return list(rows.values())
 
 
@@ -97,6 +122,8 @@ def table_rows(rows: list[Row]) -> list[dict[str, Any]]:
         record["passes"] = _passes(row.method)
         record["peak_memory_mb"] = max(row.peak_memory_mb)
         record["train_time_s"], _ = mean_std(row.train_time_s)
+        for key, values in row.sharpness.items():
+            record[key], record[f"{key}_std"] = mean_std(values)
         out.append(record)
     return out
 
@@ -124,7 +151,28 @@ def markdown(rows: list[Row]) -> str:
             f"{_pct(r['few_mean'], r['few_std'])} | {100 * r['best_overall_mean']:.1f} | "
             f"{r['images_per_second']:.0f} | {r['passes']} | {r['forwards_per_step']:.2f} | "
             f"{r['peak_memory_mb']:.0f} |")
+    keys = [k for k in SHARPNESS_COLUMNS if any(k in r for r in records)]
+    if keys:
+        lines += [
+            "",
+            "Curvature and sharpness at the last checkpoint (`samkit sharpness`, on a class-stratified "
+            "batch of the training set), mean ± standard deviation over seeds. Class-wise sharpness "
+            "(rho as run) is averaged over the classes of each group.",
+            "",
+            "| method | " + " | ".join(SHARPNESS_COLUMNS[k] for k in keys) + " |",
+            "|---|" + "---|" * len(keys),
+        ]
+        for r in records:
+            cells = [f"{r[k]:.4g} ± {r[k + '_std']:.2g}" if k in r else "n/a" for k in keys]
+            lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+SHARPNESS_COLUMNS = {
+    "trace": "Hessian trace", "normalized_trace": "trace / ||g||", "lambda_max": "lambda_max",
+    "lambda_min": "lambda_min", "sharpness_many": "sharpness many",
+    "sharpness_medium": "sharpness medium", "sharpness_few": "sharpness few",
+}
 
 
 def write_report(run_dirs: list[str | Path], out: str | Path) -> list[Path]:
@@ -139,7 +187,8 @@ def write_report(run_dirs: list[str | Path], out: str | Path) -> list[Path]:
     paths[0].write_text(markdown(rows))
     records = table_rows(rows)
     with open(paths[1], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(records[0]))
+        fields = list(dict.fromkeys(k for r in records for k in r))
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(records)
     _plot_tradeoff(records, paths[2])
