@@ -43,6 +43,8 @@ def test_overrides_are_typed_and_nested() -> None:
     assert c.optim.kwargs == {"rho": 0.3, "gamma": 3.0, "lam": 0.5}
     assert c.schedule.milestones == [160.0, 180.0] and c.data.ratio == 10.0
     assert parse_overrides(["a.b=x", "a.c=1e-3"]) == {"a": {"b": "x", "c": 0.001}}
+    whole = load_config(None, ["optim.method=imbsam", "optim.kwargs={rho: 0.1, eta: 200}"])
+    assert whole.optim.kwargs == {"rho": 0.1, "eta": 200}  # a whole mapping replaces
 
 
 @pytest.mark.parametrize("overrides,match", [

@@ -190,6 +190,10 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+class _Whole(dict):
+    """A mapping given whole in an override (key={...}): it replaces, never merges."""
+
+
 def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node = tree
     parts = dotted.split(".")
@@ -201,8 +205,9 @@ def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """`key=value` strings (dotted keys, YAML values) as a nested mapping; a mapping value is merged
-    into the recipe's, an empty one ({}) replaces it."""
+    """`key=value` strings (dotted keys, YAML values) as a nested mapping. A mapping given whole
+    (optim.kwargs={rho: 0.1}) replaces the recipe's; dotted keys (optim.kwargs.rho=0.1) change
+    one entry."""
     tree: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
@@ -212,17 +217,19 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             value = read_yaml(raw) if raw.strip() else None
         except yaml.YAMLError as err:
             raise ConfigError(f"override {key}: cannot read {raw!r} as a value ({err})") from None
-        _set(tree, key.strip(), value)
+        _set(tree, key.strip(), _Whole(value) if isinstance(value, dict) else value)
     return tree
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in extra.items():
-        if value and isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and not isinstance(value, _Whole) and isinstance(
+            out.get(key), dict
+        ):
             out[key] = _merge(out[key], value)
         else:
-            out[key] = copy.deepcopy(value)
+            out[key] = copy.deepcopy(dict(value) if isinstance(value, _Whole) else value)
     return out
 
 
