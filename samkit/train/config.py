@@ -125,7 +125,7 @@ DEFAULT_RECIPE: dict[str, Any] = {
     "model": {"name": "small-cnn"},
     "loss": {"name": "ce"},
     "optim": {"method": "focalsam", "lr": 0.05, "weight_decay": 5e-4,
-              "kwargs": {"rho": 0.2, "gamma": 3.0, "lam": 0.5}},
+              "kwargs": {"rho": 0.1, "gamma": 2.0, "lam": 0.8}},
     "schedule": {"epochs": 8, "lr": "cosine"},
     "run": {"name": "fmnist-lt100-focalsam", "threads": 2},
 }
