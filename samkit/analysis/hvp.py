@@ -435,6 +435,11 @@ class HessianOperator:
             )
         return d
 
+    def _first(self, total: Tensor) -> tuple[tuple[Tensor | None, ...], list[int]]:
+        """The gradient of one term with its graph kept, and the indices it reaches."""
+        g = torch.autograd.grad(total, self.params, create_graph=True, allow_unused=True)
+        return g, [i for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
+
     def _build_graph(self) -> None:
         graphs: list[list[Tensor]] = []
         indices: list[list[int]] = []
@@ -445,8 +450,7 @@ class HessianOperator:
             count, wsum = count + n, wsum + ws
             if total is None:
                 continue
-            g = torch.autograd.grad(total, self.params, create_graph=True, allow_unused=True)
-            idx = [i for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
+            g, idx = self._first(total)
             graphs.append([g[i] for i in idx])
             indices.append(idx)
             torch._foreach_add_(grad, [gi.detach() for gi in _zeros_for_none(g, self.params)])
@@ -503,8 +507,7 @@ class HessianOperator:
                 count, wsum = count + n, wsum + ws
                 if total is None:
                     continue
-                g = torch.autograd.grad(total, self.params, create_graph=True, allow_unused=True)
-                idx = [i for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
+                g, idx = self._first(total)
                 hv = self._second([g[i] for i in idx], idx, v, retain=False)
                 out = hv if out is None else torch._foreach_add(out, hv)
             d = self._set_denominator(count, wsum)

@@ -100,6 +100,14 @@ class Classifier(nn.Module):
     body: nn.Module
     head: nn.Module
 
+    def _assemble(self, layers: list[nn.Module], feature_dim: int, num_classes: int,
+                  head: str) -> None:
+        """Set the body from `layers` and the head on its `feature_dim` outputs."""
+        self.body = nn.Sequential(*layers)
+        self.feature_dim = feature_dim
+        self.num_classes = num_classes
+        self.head = make_head(head, feature_dim, num_classes)
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The ``(B, feature_dim)`` features that the head receives."""
         return self.body(x)

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from samkit.models.heads import Classifier, make_head
+from samkit.models.heads import Classifier
 
 __all__ = ["CNN1D", "MLP", "SmallCNN"]
 
@@ -90,10 +90,7 @@ class SmallCNN(Classifier):
         if hidden:
             layers += [nn.Linear(dim, hidden), nn.ReLU()]
             dim = hidden
-        self.body = nn.Sequential(*layers)
-        self.feature_dim = dim
-        self.num_classes = num_classes
-        self.head = make_head(head, dim, num_classes)
+        self._assemble(layers, dim, num_classes, head)
 
 
 class MLP(Classifier):
@@ -128,10 +125,7 @@ class MLP(Classifier):
             _check_positive("hidden width", width)
             layers += [nn.Linear(dim, width), nn.ReLU()]
             dim = width
-        self.body = nn.Sequential(*layers)
-        self.feature_dim = dim
-        self.num_classes = num_classes
-        self.head = make_head(head, dim, num_classes)
+        self._assemble(layers, dim, num_classes, head)
 
 
 class CNN1D(Classifier):
@@ -181,7 +175,4 @@ class CNN1D(Classifier):
             ]
             previous = width
         layers += [nn.AdaptiveAvgPool1d(1), nn.Flatten(1)]
-        self.body = nn.Sequential(*layers)
-        self.feature_dim = previous
-        self.num_classes = num_classes
-        self.head = make_head(head, previous, num_classes)
+        self._assemble(layers, previous, num_classes, head)
