@@ -72,13 +72,14 @@ METHODS = {
 }
 
 
-def build(method: str, model, base: str):
+def build(method: str, net, base: str, **extra):
+    """samkit's optimizer for METHODS[method] on `net` (`extra`: more keyword arguments)."""
     name, kwargs, _ = METHODS[method]
     base_cls, base_kwargs = BASES[base]
-    kwargs = dict(kwargs)
+    kwargs = {**kwargs, **extra}
     if name == "ccsam" and kwargs.get("form", "classifier") == "classifier":
-        kwargs["head"] = model.head
-    return so.create(name, model.parameters(), base=base_cls, **kwargs, **base_kwargs)
+        kwargs["head"] = net.head
+    return so.create(name, net.parameters(), base=base_cls, **kwargs, **base_kwargs)
 
 
 def reference_optimizer(method: str, model, base: str):

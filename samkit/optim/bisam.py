@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from samkit.optim.core import SharpnessAware, StepOutput, check_range
+from samkit.optim.core import Batch, SharpnessAware, StepOutput, check_range
 from samkit.optim.registry import register
 
 BOUNDS = ("log", "tanh")
@@ -76,14 +76,12 @@ class BiSAM(SharpnessAware):
         self.alpha = check_range("alpha", alpha, 0.0, low_open=True)
         super().__init__(params, base, radii={"rho": rho}, **kwargs)
 
-    def step(self, closure: Callable[[], Tensor], labels: Tensor | None = None) -> StepOutput:
+    def _update(self, batch: Batch) -> StepOutput:
         params = self._params()
-        labels = self._labels(labels)
-        logits, losses = self._forward(closure, labels)
-        with torch.enable_grad():
-            q = lower_bound(logits, labels, self.bound, self.mu, self.alpha).mean()
-        g_q = self._backward(q, params)
+        (g_q,), out = self._pass(
+            params, batch, lambda z, _, y: [lower_bound(z, y, self.bound, self.mu, self.alpha)]
+        )
         with self._perturbed(params, self._ascent(params, g_q)):
-            _, _, g = self._loss_grad(closure, labels, params)
+            (g,), _ = self._pass(params, batch)
         self._base_step(params, g)
-        return StepOutput(losses.detach().mean(), logits.detach())
+        return out

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.nn import functional as F
 
-from samkit.optim.core import EPS, ClassAware, StepOutput, _global_norm, check_range
+from samkit.optim.core import EPS, Batch, ClassAware, Grads, StepOutput, _global_norm, check_range
 from samkit.optim.registry import register
 
 FORMS = ("classifier", "full")
@@ -78,8 +78,7 @@ class CCSAM(ClassAware):
             )
         self.count_factor = (self.class_counts - 1) ** -0.25
         self.head = head
-        self._capture = False
-        self._features: Tensor | None = None
+        self._grab = _FeatureGrab()
         if form == "classifier":
             if head is None:
                 raise ValueError(
@@ -93,79 +92,137 @@ class CCSAM(ClassAware):
                 raise ValueError(
                     "head's trainable parameters must be among the optimizer's parameters"
                 )
-            head.register_forward_pre_hook(self._grab_features)
+            head.register_forward_pre_hook(self._grab)
 
-    def _grab_features(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if self._capture:
-            self._features = args[0]
-
-    def step(self, closure: Callable[[], Tensor], labels: Tensor | None = None) -> StepOutput:
-        labels = self._labels(labels, self.num_classes)
+    def _update(self, batch: Batch) -> StepOutput:
         if self.form == "classifier":
-            return self._step_classifier(closure, labels)
-        return self._step_full(closure, labels)
+            return self._step_classifier(batch)
+        return self._step_full(batch)
 
     def _radius_scale(self, w_norm: Tensor, g_norm: Tensor, k: int, n_factor: Tensor) -> Tensor:
         """s * sqrt(k) * rho_c / ||g_c||: multiplies g_c to give e_c."""
         rho_c = torch.sqrt(w_norm / (2 * (g_norm + EPS))) * k**-0.25 * n_factor
         return self.s * math.sqrt(k) * rho_c / (g_norm + EPS)
 
-    def _step_classifier(self, closure: Callable[[], Tensor], labels: Tensor) -> StepOutput:
-        params = self._params()
-        self._capture = True
+    def _head_forward(
+        self, closure: Callable[[], Tensor], labels: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Forward a micro-batch, capturing the head's input: (features, logits, losses)."""
+        self._grab.on = True
         try:
             logits, losses = self._forward(closure, labels)
         finally:
-            self._capture = False
-        features, self._features = self._features, None
+            self._grab.on = False
+        features, self._grab.features = self._grab.features, None
         if features is None:
             raise RuntimeError("the closure's forward did not call the head given to CCSAM")
-        batch, num_classes = losses.shape[0], self.num_classes
+        return features, logits, losses
+
+    def _step_classifier(self, batch: Batch) -> StepOutput:
+        params = self._params()
         names, weights = zip(
             *[(n, p) for n, p in self.head.named_parameters() if p.requires_grad], strict=True
         )
-        # g_c for every class at once: one batched backward through the head only.
-        select = F.one_hot(labels, num_classes).to(losses.dtype).T / batch  # (C, B)
-        g = torch.autograd.grad(
-            losses, weights, grad_outputs=select, is_grads_batched=True, retain_graph=True
-        )
+        num_classes, size = self.num_classes, batch.size
+        micro = list(zip(batch.closures, batch.labels, strict=True))
+        # g_c for every class at once: one batched backward through the head per micro-batch. With
+        # one micro-batch its graph is kept for the descent; with several, each is forwarded again.
+        g: list[Tensor] | None = None
+        acc: Grads = [None] * len(params)
+        kept, loss_sum, all_logits = None, 0.0, []
+        for closure, labels in micro:
+            features, logits, losses = self._head_forward(closure, labels)
+            select = F.one_hot(labels, num_classes).to(losses.dtype).T / size  # (C, B)
+            if self.grad_scaler is not None:
+                select = self.grad_scaler.scale(select)
+            g_i = torch.autograd.grad(
+                losses, weights, grad_outputs=select, is_grads_batched=True, retain_graph=True
+            )
+            g = list(g_i) if g is None else torch._foreach_add(g, g_i)
+            clean = (1 - self.beta) * losses.sum() / size
+            if len(micro) == 1:
+                kept = (features, labels, clean)
+            else:
+                acc = self._backward(clean, params, into=acc)
+            loss_sum = loss_sum + losses.detach().sum()
+            all_logits.append(logits.detach())
         with torch.no_grad():
+            if self.ascent_sync:
+                self._average(g)
             g_norm = torch.stack([x.reshape(num_classes, -1).square().sum(1) for x in g]).sum(0)
+            g_norm = g_norm.sqrt() * self._inverse_scale(g_norm)
             k = sum(w.numel() for w in weights)
             factor = self._radius_scale(
-                _global_norm(weights), g_norm.sqrt(), k, self._table("n", self.count_factor, g_norm)
-            )
+                _global_norm(weights), g_norm, k, self._table("n", self.count_factor, g_norm)
+            ) * self._inverse_scale(g_norm)
             e = [factor.view(-1, *[1] * w.dim()) * x for w, x in zip(weights, g, strict=True)]
-        perturbed = [w.unsqueeze(0) + x for w, x in zip(weights, e, strict=True)]  # (C, *shape)
 
         def head_at(*ws: Tensor) -> Tensor:
             return functional_call(self.head, dict(zip(names, ws, strict=True)), (features,))
 
-        z = vmap(head_at)(*perturbed)[labels, torch.arange(batch, device=labels.device)]
-        loss = (1 - self.beta) * losses.mean() + self.beta * self.loss_fn(z, labels).sum() / batch
-        self._base_step(params, self._backward(loss, params))
-        return StepOutput(losses.detach().mean(), logits.detach())
+        for closure, labels in micro:
+            if kept is not None:
+                features, labels, clean = kept
+            else:
+                features, _, _ = self._head_forward(closure, labels)
+                clean = 0.0
+            perturbed = [w.unsqueeze(0) + x for w, x in zip(weights, e, strict=True)]  # (C, ...)
+            z = vmap(head_at)(*perturbed)[
+                labels, torch.arange(labels.shape[0], device=labels.device)
+            ]
+            loss = clean + self.beta * self.loss_fn(z, labels).sum() / size
+            acc = self._backward(loss, params, into=acc)
+        self._base_step(params, acc)
+        return StepOutput(loss_sum / size, torch.cat(all_logits))
 
-    def _step_full(self, closure: Callable[[], Tensor], labels: Tensor) -> StepOutput:
+    def _step_full(self, batch: Batch) -> StepOutput:
         params = self._params()
-        logits, losses = self._forward(closure, labels)
-        batch = losses.shape[0]
-        classes = torch.unique(labels).tolist()  # the one host sync: a pass per class present
-        masks = [(labels == c).to(losses.dtype) for c in classes]
-        parts = [self._backward((1 - self.beta) * losses.mean(), params, retain_graph=True)]
-        ascents = [
-            self._backward((m * losses).sum() / batch, params, retain_graph=k < len(masks) - 1)
-            for k, m in enumerate(masks)
-        ]
+        present = torch.zeros(self.num_classes, device=batch.labels[0].device)
+        for labels in batch.labels:
+            present.index_fill_(0, labels, 1.0)
+        if self.ascent_sync:
+            self._average([present])
+        classes = (
+            present.nonzero().flatten().tolist()
+        )  # the one host sync: a pass per class present
+        grads, out = self._pass(
+            params,
+            batch,
+            lambda z, losses, y: (
+                [(1 - self.beta) * losses] + [(y == c).to(losses.dtype) * losses for c in classes]
+            ),
+        )
         with torch.no_grad():
             w_norm = _global_norm(params)
             k = sum(p.numel() for p in params)
             n_factor = self._table("n", self.count_factor, w_norm)
-        for c, m, g in zip(classes, masks, ascents, strict=True):
-            g_norm = _global_norm([x for x in g if x is not None])
-            scale = self._radius_scale(w_norm, g_norm, k, n_factor[c])
-            with self._perturbed(params, self._ascent(params, g, radius=None, scale=scale)):
-                _, losses_e = self._forward(closure, labels)
-                parts.append(self._backward(self.beta * (m * losses_e).sum() / batch, params))
+        parts = grads[:1]
+        for c, g in zip(classes, grads[1:], strict=True):
+            if self.ascent_sync:
+                self._average([x for x in g if x is not None])
+            inverse = self._inverse_scale(w_norm)
+            g_norm = _global_norm([x for x in g if x is not None]) * inverse
+            scale = self._radius_scale(w_norm, g_norm, k, n_factor[c]) * inverse
+            e = self._ascent(params, g, radius=None, scale=scale, average=False)
+            with self._perturbed(params, e):
+                (g_c,), _ = self._pass(
+                    params,
+                    batch,
+                    lambda z, losses, y, c=c: [self.beta * (y == c).to(losses.dtype) * losses],
+                )
+            parts.append(g_c)
         self._base_step(params, *parts)
-        return StepOutput(losses.detach().mean(), logits.detach())
+        return out
+
+
+class _FeatureGrab:
+    """A forward pre-hook on the head that keeps its input while `on` (a plain object, so that
+    torch.compile traces the hook into the model's graph)."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self.features: Tensor | None = None
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self.on:
+            self.features = args[0]

@@ -9,7 +9,9 @@ at the weights w plus K perturbed group gradients, each at its own ascent point,
 followed by exactly one step of a wrapped torch optimizer (the "base") at w. This module holds what the
 methods share: the per-sample forward, backward passes that hand their gradient over without copying,
 the ascent direction, perturb-and-restore (restore is an exact copy), the normalization-statistics
-policy, the base step, and the state-dict layout.
+policy, the base step, and the state-dict layout; and what scale needs: micro-batches (every pass
+accumulates its gradient over them, so a step equals one step on their concatenation), a GradScaler
+(float16), and averaging over processes (torch.distributed) once per pass that needs it.
 """
 
 from __future__ import annotations
@@ -20,14 +22,29 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 EPS = 1e-12  # the eps of unit(g) in spec/ALGORITHMS.md
 
 Grads = list[Tensor | None]
 LossFn = Callable[[Tensor, Tensor], Tensor]
+#: per-sample terms of a pass: (logits, per-sample losses, labels) -> vectors t_k, each giving one
+#: gradient grad (1/B) sum_b t_k[b]
+Terms = Callable[[Tensor, Tensor, Tensor], Sequence[Tensor]]
 NORM_STATS = ("update", "freeze")
+
+
+class Batch(NamedTuple):
+    """The samples of one step: one or more micro-batches (a closure re-evaluating the model on each,
+    and its labels), or a torch-style closure (labels None). `size` is B, the number of samples in
+    all micro-batches together, which divides every group loss."""
+
+    closures: list[Callable[[], Tensor]]
+    labels: list[Tensor] | None
+    size: int
 
 
 class StepOutput(NamedTuple):
@@ -101,7 +118,9 @@ class SharpnessAware(torch.optim.Optimizer):
         norm_stats: ``"update"`` lets every forward pass update normalization running statistics (the
             long-tail authors' codes); ``"freeze"`` restores them after each perturbed pass, so they see
             only clean passes (the BiSAM and CR-SAM codes). ``"freeze"`` needs ``model``.
-        model: the module whose normalization buffers ``norm_stats="freeze"`` snapshots.
+        model: the model being trained. Needed by ``norm_stats="freeze"`` (whose buffers it
+            snapshots) and under torch.distributed, where a DistributedDataParallel model runs every
+            pass under ``no_sync()`` and samkit averages gradients itself, once per pass that needs it.
         adaptive: use ASAM's scale-invariant ascent, e = rho T_w^2 g / ||T_w g|| with T_w = |w| + eta
             (Kwon et al., ICML 2021); any method's ascent can be made adaptive.
         asam_eta: ASAM's offset eta (0.01 in the ASAM authors' code, 0 in the popular PyTorch copy).
@@ -110,6 +129,16 @@ class SharpnessAware(torch.optim.Optimizer):
         skip_nonfinite: skip the base step (leaving weights and base state untouched) when the final
             gradient is not finite; costs one host sync per step. ``last_step_skipped`` and
             ``skipped_steps`` report it.
+        grad_scaler: a ``torch.amp.GradScaler`` for float16 autocast. Every backward is scaled; an
+            overflow in any pass (an ascent included, whose perturbation is then zeroed so no
+            non-finite forward touches the model) skips the whole step and leaves weights, buffers
+            of the ascent and base state untouched. Call ``grad_scaler.update()`` after each step,
+            as with any torch optimizer.
+        ascent_sync: under torch.distributed, average the ascent gradients over processes, so all
+            take one global perturbation (True, default: equal to one process on the concatenated
+            batch); False lets each process ascend along its own gradient (the original SAM's
+            m-sharpness, m = the per-process batch). The descent gradient is always averaged.
+        process_group: the torch.distributed group to average over (default: the whole world).
         **base_kwargs: passed to ``base`` (lr, momentum, weight_decay, ...).
     """
 
@@ -133,6 +162,9 @@ class SharpnessAware(torch.optim.Optimizer):
         asam_eta: float = 0.01,
         check_labels: bool | None = None,
         skip_nonfinite: bool = False,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        ascent_sync: bool = True,
+        process_group: Any = None,
         **base_kwargs: Any,
     ) -> None:
         for key, value in radii.items():
@@ -150,6 +182,15 @@ class SharpnessAware(torch.optim.Optimizer):
         self.norm_stats = norm_stats
         self.check_labels = check_labels
         self.skip_nonfinite = bool(skip_nonfinite)
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise ValueError(
+                f"grad_scaler must be a torch.amp.GradScaler; got {type(grad_scaler).__name__}"
+            )
+        self.grad_scaler = grad_scaler
+        self.ascent_sync = bool(ascent_sync)
+        self.process_group = process_group
+        self.model = model
+        self._overflow: Tensor | None = None
         self.last_step_skipped = False
         self.skipped_steps = 0
         self._norm_buffers = _norm_buffers(model) if norm_stats == "freeze" else []
@@ -214,25 +255,95 @@ class SharpnessAware(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base={self.base!r})"
 
+    # The step
+
+    def step(
+        self,
+        closure: Callable[[], Tensor] | Sequence[Callable[[], Tensor]],
+        labels: Tensor | Sequence[Tensor] | None = None,
+    ) -> Tensor | StepOutput:
+        """One step of the method, then exactly one base step at w.
+
+        ``step(closure, labels)``: the closure re-evaluates the model and returns its logits; returns
+        ``(loss, logits)`` of the clean pass. ``step([closure_1, ...], [labels_1, ...])``: the same on
+        micro-batches, each pass accumulating its gradient over them, so the step equals one step on
+        their concatenation (logits are concatenated). ``step(closure)``: a torch-style closure that
+        computes the loss, calls backward and returns the loss (methods that need no labels); it
+        may accumulate micro-batches itself, and under a GradScaler must scale its loss.
+        """
+        batch = self._batch(closure, labels)
+        if self._world() > 1 and self.model is None:
+            raise ValueError(
+                f"{type(self).__name__} under torch.distributed needs model=the model (its "
+                "DistributedDataParallel wrapper, or the plain module): samkit averages gradients "
+                "itself, once per pass that needs it"
+            )
+        no_sync = (
+            self.model.no_sync()
+            if isinstance(self.model, DistributedDataParallel)
+            else contextlib.nullcontext()
+        )
+        self._overflow = None
+        with no_sync:
+            return self._update(batch)
+
+    def _update(self, batch: Batch) -> Tensor | StepOutput:
+        """The method's step on a validated batch (each method implements it)."""
+        raise NotImplementedError
+
+    def _batch(
+        self,
+        closure: Callable[[], Tensor] | Sequence[Callable[[], Tensor]],
+        labels: Tensor | Sequence[Tensor] | None,
+    ) -> Batch:
+        """Validate what `step` was given and return it as micro-batches."""
+        if labels is None:
+            if self.needs_labels:
+                raise TypeError(
+                    f"{type(self).__name__}.step needs the labels: call opt.step(closure, labels) "
+                    "with a closure that re-evaluates the model and returns its logits"
+                )
+            if not callable(closure):
+                raise TypeError(
+                    "micro-batches need their labels: call opt.step([closure, ...], [labels, ...]); "
+                    "a torch-style closure may accumulate micro-batches itself"
+                )
+            return Batch([closure], None, 0)
+        if isinstance(labels, Tensor):
+            closures, label_list = [closure], [labels]
+        else:
+            closures, label_list = closure, list(labels)
+            if (
+                callable(closures)
+                or not isinstance(closures, Sequence)
+                or len(closures) != len(label_list)
+                or not label_list
+            ):
+                raise ValueError(
+                    "micro-batches are given as opt.step([closure_1, ..., closure_k], "
+                    "[labels_1, ..., labels_k]): a non-empty list of labels and as many closures"
+                )
+        for c in closures:
+            if not callable(c):
+                raise TypeError(f"closure must be callable; got {type(c).__name__}")
+        label_list = [self._labels(y) for y in label_list]
+        return Batch(list(closures), label_list, sum(y.shape[0] for y in label_list))
+
     # ----------------------------------------------------------------------------------------------
     # The step's building blocks
 
     def _params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
 
-    def _labels(self, labels: Tensor | None, num_classes: int | None = None) -> Tensor:
-        """Validate the labels of a labelled step (and their range when that costs no sync)."""
-        if labels is None:
-            raise TypeError(
-                f"{type(self).__name__}.step needs the labels: call opt.step(closure, labels) with a "
-                "closure that re-evaluates the model and returns its logits"
-            )
+    def _labels(self, labels: Tensor) -> Tensor:
+        """Validate the labels of a micro-batch (and their range when that costs no sync)."""
         if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.is_floating_point():
             raise ValueError(
                 "labels must be a 1-D integer tensor of class indices; got "
                 f"{type(labels).__name__} {getattr(labels, 'dtype', '')} "
                 f"of shape {tuple(getattr(labels, 'shape', ()))}"
             )
+        num_classes = getattr(self, "num_classes", None)
         check = self.check_labels if self.check_labels is not None else labels.device.type == "cpu"
         if check and num_classes is not None and labels.numel():
             low, high = int(labels.min()), int(labels.max())
@@ -265,10 +376,21 @@ class SharpnessAware(torch.optim.Optimizer):
             )
         return logits, losses
 
-    def _backward(self, loss: Tensor, params: list[Tensor], retain_graph: bool = False) -> Grads:
-        """Backpropagate `loss` and hand its gradient over (p.grad is left cleared)."""
-        for p in params:
-            p.grad = None
+    def _backward(
+        self,
+        loss: Tensor,
+        params: list[Tensor],
+        retain_graph: bool = False,
+        into: Grads | None = None,
+    ) -> Grads:
+        """Backpropagate `loss` (scaled under a GradScaler) and hand its gradient over, added to
+        `into` (which it consumes); p.grad is left cleared."""
+        for i, p in enumerate(params):
+            p.grad = None if into is None else into[i]
+        if into is not None:
+            into[:] = [None] * len(into)  # drop our references: autograd may accumulate in place
+        if self.grad_scaler is not None:
+            loss = self.grad_scaler.scale(loss)
         loss.backward(retain_graph=retain_graph)
         return self._take_grads(params)
 
@@ -279,23 +401,36 @@ class SharpnessAware(torch.optim.Optimizer):
             p.grad = None
         return grads
 
-    def _loss_grad(
-        self, closure: Callable[[], Tensor], labels: Tensor | None, params: list[Tensor]
-    ) -> tuple[Tensor, Tensor | None, Grads]:
-        """One forward and backward of the plain mean loss: (loss, logits or None, gradient).
-
-        With labels, the closure returns logits; without, it is a torch closure that computes the
-        loss, calls backward and returns the loss.
-        """
-        if labels is None:
+    def _pass(
+        self, params: list[Tensor], batch: Batch, terms: Terms | None = None
+    ) -> tuple[list[Grads], Tensor | StepOutput]:
+        """Forward every micro-batch at the current weights and backpropagate each term,
+        (1/B) sum_b t_k[b], accumulating over micro-batches: (one gradient per term, the pass's
+        output: StepOutput(mean loss, logits), or a torch-style closure's loss). `terms` defaults
+        to the per-sample losses (the plain mean loss)."""
+        if batch.labels is None:
             for p in params:
                 p.grad = None
             with torch.enable_grad():
-                loss = closure()
-            return loss, None, self._take_grads(params)
-        logits, losses = self._forward(closure, labels)
-        loss = losses.mean()
-        return loss.detach(), logits.detach(), self._backward(loss, params)
+                loss = batch.closures[0]()
+            return [self._take_grads(params)], loss
+        grads: list[Grads] = []
+        loss_sum: Tensor | float = 0.0
+        all_logits = []
+        for closure, labels in zip(batch.closures, batch.labels, strict=True):
+            logits, losses = self._forward(closure, labels)
+            with torch.enable_grad():
+                vectors = [losses] if terms is None else list(terms(logits, losses, labels))
+            grads += [[None] * len(params) for _ in range(len(vectors) - len(grads))]
+            for k, v in enumerate(vectors):
+                last = k == len(vectors) - 1
+                grads[k] = self._backward(
+                    v.sum() / batch.size, params, retain_graph=not last, into=grads[k]
+                )
+            loss_sum = loss_sum + losses.detach().sum()
+            all_logits.append(logits.detach())
+        logits = all_logits[0] if len(all_logits) == 1 else torch.cat(all_logits)
+        return grads, StepOutput(loss_sum / batch.size, logits)
 
     @torch.no_grad()
     def _ascent(
@@ -304,14 +439,20 @@ class SharpnessAware(torch.optim.Optimizer):
         grads: Grads,
         radius: str | None = "rho",
         scale: Tensor | float | None = None,
+        average: bool = True,
     ) -> Grads:
         """The perturbation e = rho * unit(g) (or ASAM's adaptive one), rho = the group's `radius`.
 
         `scale` replaces 1 / (||g|| + eps) when a method computes its own normalisation; a `radius`
-        of None scales every group by 1.
+        of None scales every group by 1. Under torch.distributed with ascent_sync, g is first
+        averaged over processes (in place) unless `average` is False (already averaged). A
+        non-finite g (a GradScaler overflow, say) gives e = 0 and marks the step for skipping
+        when a GradScaler or skip_nonfinite is in use.
         """
         e: Grads = [None] * len(params)
         present = [i for i, g in enumerate(grads) if g is not None]
+        if average and self.ascent_sync:
+            self._average([grads[i] for i in present])
         if not present:
             return e
         p_list = [params[i] for i in present]
@@ -327,6 +468,12 @@ class SharpnessAware(torch.optim.Optimizer):
             norm = _global_norm(direction)
         if scale is None:
             scale = 1.0 / (norm + EPS)
+        if self.grad_scaler is not None or self.skip_nonfinite:
+            finite = torch.isfinite(norm)
+            self._overflow = ~finite if self._overflow is None else self._overflow | ~finite
+            for d in direction:
+                torch.nan_to_num_(d, nan=0.0, posinf=0.0, neginf=0.0)
+            scale = torch.where(finite, scale, torch.zeros_like(norm))
         for i, d in zip(present, direction, strict=True):
             e[i] = d
         start = 0
@@ -341,7 +488,8 @@ class SharpnessAware(torch.optim.Optimizer):
     @contextlib.contextmanager
     def _perturbed(self, params: list[Tensor], e: Grads, sign: float = 1.0) -> Iterator[None]:
         """Move to w + sign * e for the body, then restore w exactly (by copy) and, under
-        norm_stats='freeze', the normalization running statistics."""
+        norm_stats='freeze', the normalization running statistics. Autocast's weight cache is
+        cleared on both moves."""
         idx = [i for i, t in enumerate(e) if t is not None]
         p_list = [params[i] for i in idx]
         backup = self._scratch_like("w", p_list)
@@ -352,6 +500,9 @@ class SharpnessAware(torch.optim.Optimizer):
             torch._foreach_copy_(stats_backup, stats)
         with torch.no_grad():
             torch._foreach_add_(p_list, [e[i] for i in idx], alpha=sign)
+        # autocast caches its low-precision copies of the weights until the outermost autocast
+        # region ends: without this, the passes inside the step would see the unperturbed weights
+        torch.clear_autocast_cache()
         try:
             yield
         finally:
@@ -359,6 +510,7 @@ class SharpnessAware(torch.optim.Optimizer):
                 torch._foreach_copy_(p_list, backup)
                 if stats:
                     torch._foreach_copy_(stats, stats_backup)
+            torch.clear_autocast_cache()
 
     def _scratch_like(self, name: str, like: list[Tensor]) -> list[Tensor]:
         """Reusable buffers shaped like `like` (reallocated only when the tensors change)."""
@@ -375,8 +527,44 @@ class SharpnessAware(torch.optim.Optimizer):
             self._scratch[name] = buf
         return buf
 
+    # ----------------------------------------------------------------------------------------------
+    # Processes and scaling
+
+    def _world(self) -> int:
+        """The number of processes gradients are averaged over (1 outside torch.distributed)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1
+        return dist.get_world_size(self.process_group)
+
+    @torch.no_grad()
+    def _average(self, tensors: Sequence[Tensor]) -> None:
+        """Average tensors over processes in place: one all-reduce per dtype, on a flat buffer."""
+        world = self._world()
+        if world == 1 or not tensors:
+            return
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for t in tensors:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        for group in by_dtype.values():
+            flat = torch.cat([t.reshape(-1) for t in group])
+            dist.all_reduce(flat, group=self.process_group)
+            flat.div_(world)
+            views = [
+                v.view_as(t)
+                for v, t in zip(flat.split([t.numel() for t in group]), group, strict=True)
+            ]
+            torch._foreach_copy_(group, views)
+
+    def _inverse_scale(self, like: Tensor) -> Tensor | float:
+        """1 / the GradScaler's current scale, as a tensor (no host sync); 1 without a scaler."""
+        if self.grad_scaler is None or not self.grad_scaler.is_enabled():
+            return 1.0
+        return 1.0 / self.grad_scaler.scale(torch.ones((), device=like.device))
+
     def _base_step(self, params: list[Tensor], *parts: Grads) -> None:
-        """Sum the gradient parts into p.grad and take exactly one base step at w."""
+        """Sum the gradient parts into p.grad, average it over processes, and take exactly one
+        base step at w, unless the gradient (or an ascent) is not finite under a GradScaler or
+        skip_nonfinite."""
         for i, p in enumerate(params):
             total = None
             for part in parts:
@@ -385,50 +573,49 @@ class SharpnessAware(torch.optim.Optimizer):
                     continue
                 total = g if total is None else total.add_(g)
             p.grad = total
+        grads = [p.grad for p in params if p.grad is not None]
+        if self._overflow is not None and grads:
+            # an ascent overflowed: carry it into the gradient, where the checks below see it
+            grads[0].add_(torch.where(self._overflow, math.nan, 0.0).to(grads[0].dtype))
+            self._overflow = None
+        self._average(grads)
         self.last_step_skipped = False
-        if self.skip_nonfinite:
-            norm = _global_norm([p.grad for p in params if p.grad is not None])
-            if not bool(torch.isfinite(norm)):
-                for p in params:
-                    p.grad = None
-                self.last_step_skipped = True
-                self.skipped_steps += 1
-                return
-        self.base.step()
-
-    @staticmethod
-    def _output(loss: Tensor, logits: Tensor | None) -> Tensor | StepOutput:
-        """A labelled step returns (loss, logits); a plain closure step returns the loss alone."""
-        return loss if logits is None else StepOutput(loss.detach(), logits.detach())
+        if self.grad_scaler is not None:
+            stepped = self.grad_scaler.step(self.base, _stepped)
+            self.last_step_skipped = stepped is None and self.grad_scaler.is_enabled()
+        elif self.skip_nonfinite and not bool(torch.isfinite(_global_norm(grads))):
+            self.last_step_skipped = True
+        else:
+            self.base.step()
+        if self.last_step_skipped:
+            for p in params:
+                p.grad = None
+            self.skipped_steps += 1
 
     def _unified(
         self,
-        closure: Callable[[], Tensor],
-        labels: Tensor,
+        batch: Batch,
         clean: Tensor | None,
         perturbed: Sequence[tuple[Tensor, str]],
     ) -> StepOutput:
-        """The unified form: a clean group with per-sample coefficients `clean` at w (skipped when
-        None), and perturbed groups (coefficients c^k, radius key) each at w + e_k."""
+        """The unified form with per-class coefficients: a clean group with coefficient clean[y_b]
+        at w (skipped when None), and perturbed groups (table c^k, radius key), each at
+        w + e_k with e_k = rho_k unit(grad (1/B) sum_b c^k[y_b] l_b(w))."""
         params = self._params()
-        logits, losses = self._forward(closure, labels)
-        batch = losses.shape[0]
-        active = [(c, key) for c, key in perturbed if c is not None]
-        parts: list[Grads] = []
-        if clean is not None:
-            parts.append(
-                self._backward((clean * losses).sum() / batch, params, retain_graph=bool(active))
-            )
-        ascents = [
-            self._backward((c * losses).sum() / batch, params, retain_graph=k < len(active) - 1)
-            for k, (c, _) in enumerate(active)
-        ]
-        for (c, key), g in zip(active, ascents, strict=True):
+        tables = ([] if clean is None else [clean]) + [c for c, _ in perturbed]
+        grads, out = self._pass(params, batch, lambda z, losses, y: [t[y] * losses for t in tables])
+        parts = grads[: len(tables) - len(perturbed)]
+        for (c, key), g in zip(perturbed, grads[len(parts) :], strict=True):
             with self._perturbed(params, self._ascent(params, g, key)):
-                _, losses_e = self._forward(closure, labels)
-                parts.append(self._backward((c * losses_e).sum() / batch, params))
+                (g_k,), _ = self._pass(params, batch, lambda z, losses, y, c=c: [c[y] * losses])
+            parts.append(g_k)
         self._base_step(params, *parts)
-        return StepOutput(losses.detach().mean(), logits.detach())
+        return out
+
+
+def _stepped() -> bool:
+    """The closure handed to the base step under a GradScaler: tells a step taken from one skipped."""
+    return True
 
 
 def _n_trainable(group: dict[str, Any]) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from samkit.optim.core import SharpnessAware, StepOutput, check_range
+from samkit.optim.core import Batch, SharpnessAware, StepOutput, check_range
 from samkit.optim.registry import register
 
 
@@ -47,17 +47,14 @@ class CRSAM(SharpnessAware):
         self.b = check_range("b", b, 0.0)
         super().__init__(params, base, radii={"rho": rho}, **kwargs)
 
-    def step(
-        self, closure: Callable[[], Tensor], labels: Tensor | None = None
-    ) -> Tensor | StepOutput:
+    def _update(self, batch: Batch) -> Tensor | StepOutput:
         params = self._params()
-        labels = None if labels is None else self._labels(labels)
-        loss, logits, g0 = self._loss_grad(closure, labels, params)
+        (g0,), out = self._pass(params, batch)
         e = self._ascent(params, g0)
         with self._perturbed(params, e, +1.0):
-            _, _, g_plus = self._loss_grad(closure, labels, params)
+            (g_plus,), _ = self._pass(params, batch)
         with self._perturbed(params, e, -1.0):
-            _, _, g_minus = self._loss_grad(closure, labels, params)
+            (g_minus,), _ = self._pass(params, batch)
         # d = (1 + a + b) g+ + (a - b) g- - 2a g0, written into g+
         idx = [
             i
@@ -71,4 +68,4 @@ class CRSAM(SharpnessAware):
                 torch._foreach_add_(d, [g_minus[i] for i in idx], alpha=self.a - self.b)
                 torch._foreach_add_(d, [g0[i] for i in idx], alpha=-2.0 * self.a)
         self._base_step(params, g_plus)
-        return self._output(loss, logits)
+        return out

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from samkit.optim.core import ClassAware, StepOutput, check_range
+from samkit.optim.core import Batch, ClassAware, StepOutput, check_range
 from samkit.optim.registry import register
 
 
@@ -53,7 +53,6 @@ class FocalSAM(ClassAware):
         prior = self.class_counts / self.class_counts.sum()
         self.focal = self.lam * (1 - prior) ** self.gamma
 
-    def step(self, closure: Callable[[], Tensor], labels: Tensor | None = None) -> StepOutput:
-        labels = self._labels(labels, self.num_classes)
-        c = self._table("focal", self.focal, self._params()[0])[labels]
-        return self._unified(closure, labels, clean=1 - c, perturbed=[(c, "rho")])
+    def _update(self, batch: Batch) -> StepOutput:
+        c = self._table("focal", self.focal, self._params()[0])
+        return self._unified(batch, clean=1 - c, perturbed=[(c, "rho")])

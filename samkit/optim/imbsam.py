@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from samkit.optim.core import ClassAware, StepOutput, check_range
+from samkit.optim.core import Batch, ClassAware, StepOutput, check_range
 from samkit.optim.registry import register
 
 
@@ -48,9 +48,6 @@ class ImbSAM(ClassAware):
         super().__init__(params, base, class_counts, radii={"rho": rho}, **kwargs)
         self.tail = (self.class_counts < self.eta).double()
 
-    def step(self, closure: Callable[[], Tensor], labels: Tensor | None = None) -> StepOutput:
-        labels = self._labels(labels, self.num_classes)
-        tail = self._table("tail", self.tail, self._params()[0])[labels]
-        return self._unified(
-            closure, labels, clean=1 - tail, perturbed=[(self.kappa * tail, "rho")]
-        )
+    def _update(self, batch: Batch) -> StepOutput:
+        tail = self._table("tail", self.tail, self._params()[0])
+        return self._unified(batch, clean=1 - tail, perturbed=[(self.kappa * tail, "rho")])

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from samkit.optim.core import SharpnessAware, StepOutput
+from samkit.optim.core import Batch, SharpnessAware, StepOutput
 from samkit.optim.registry import register
 
 
@@ -30,11 +30,8 @@ class Plain(SharpnessAware):
     ) -> None:
         super().__init__(params, base, radii={}, **kwargs)
 
-    def step(
-        self, closure: Callable[[], Tensor], labels: Tensor | None = None
-    ) -> Tensor | StepOutput:
+    def _update(self, batch: Batch) -> Tensor | StepOutput:
         params = self._params()
-        labels = None if labels is None else self._labels(labels)
-        loss, logits, g = self._loss_grad(closure, labels, params)
+        (g,), out = self._pass(params, batch)
         self._base_step(params, g)
-        return self._output(loss, logits)
+        return out

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from samkit.optim.core import ClassAware, StepOutput, check_range
+from samkit.optim.core import Batch, ClassAware, StepOutput, check_range
 from samkit.optim.registry import register
 
 
@@ -81,12 +81,11 @@ class SSESAM(ClassAware):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.epoch = int(state.get("epoch", 0))
 
-    def step(self, closure: Callable[[], Tensor], labels: Tensor | None = None) -> StepOutput:
-        labels = self._labels(labels, self.num_classes)
-        tail = self._table("tail", self.tail, self._params()[0])[labels]
+    def _update(self, batch: Batch) -> StepOutput:
+        tail = self._table("tail", self.tail, self._params()[0])
         head = 1 - tail
         if self.stage == 1:
             return self._unified(
-                closure, labels, clean=None, perturbed=[(head, "rho_head"), (tail, "rho_tail")]
+                batch, clean=None, perturbed=[(head, "rho_head"), (tail, "rho_tail")]
             )
-        return self._unified(closure, labels, clean=head, perturbed=[(tail, "rho_tail")])
+        return self._unified(batch, clean=head, perturbed=[(tail, "rho_tail")])

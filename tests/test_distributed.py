@@ -1,0 +1,112 @@
+"""Two processes on the gloo backend against one process: the synchronised ascent equals one process
+on the concatenated batch, and the per-process ascent (m-sharpness) equals its reference computed by
+hand, for every method, with the model wrapped in DistributedDataParallel."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import reference as ref
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from optim_helpers import assert_same_model, batches, make_model
+from test_optim_reference import METHODS, build, reference_optimizer
+from torch.nn.parallel import DistributedDataParallel
+
+import samkit.optim as so
+
+WORLD, STEPS, BATCH = 2, 3, 24
+
+
+def shard(x: torch.Tensor, rank: int) -> torch.Tensor:
+    size = x.shape[0] // WORLD
+    return x[rank * size : (rank + 1) * size]
+
+
+def worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    results = {}
+    try:
+        for method in METHODS:
+            for sync in (True, False):
+                model = make_model("mlp")
+                ddp = DistributedDataParallel(model)
+                opt = build(method, model, "sgd", model=ddp, ascent_sync=sync)
+                for t, (x, y) in enumerate(batches("mlp", STEPS, batch=BATCH)):
+                    opt.set_epoch(t)
+                    xr = shard(x, rank)
+                    opt.step(lambda xr=xr, ddp=ddp: ddp(xr), shard(y, rank))
+                results[method, sync] = model.state_dict()
+        try:  # without model=, a distributed step is refused
+            so.SAM(make_model("mlp").parameters(), lr=0.1).step(lambda: None, shard(y, rank))
+        except ValueError as err:
+            results["error"] = str(err)
+    finally:
+        if rank == 0:
+            torch.save(results, out)
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def distributed(tmp_path_factory) -> dict:
+    """Every method, both ascent options, trained by two processes (rank 0's weights)."""
+    out = tmp_path_factory.mktemp("ddp") / "weights.pt"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(port, str(out)), nprocs=WORLD, join=True)
+    return torch.load(out, weights_only=False)
+
+
+class Capture:
+    """Stands in for the base optimizer in a reference step: keeps the final gradient instead of
+    stepping."""
+
+    def __init__(self, opt: torch.optim.Optimizer) -> None:
+        self.param_groups = opt.param_groups
+        self.grads: list[torch.Tensor] = []
+
+    def step(self) -> None:
+        self.grads = [p.grad.clone() for g in self.param_groups for p in g["params"]]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_synchronised_ascent_equals_one_process_on_the_whole_batch(distributed, method) -> None:
+    twin = make_model("mlp")
+    opt = reference_optimizer(method, twin, "sgd")
+    for t, (x, y) in enumerate(batches("mlp", STEPS, batch=BATCH)):
+        METHODS[method][2](twin, opt, x, y, t)
+    got = make_model("mlp")
+    got.load_state_dict(distributed[method, True])
+    assert_same_model(got, twin)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_per_process_ascent_equals_its_reference(distributed, method) -> None:
+    """Each process takes its method's step gradient on its own shard (its own ascent); the base
+    steps once with their average."""
+    twin = make_model("mlp")
+    opt = reference_optimizer(method, twin, "sgd")
+    capture = Capture(opt)
+    for t, (x, y) in enumerate(batches("mlp", STEPS, batch=BATCH)):
+        per_rank = []
+        for rank in range(WORLD):
+            METHODS[method][2](twin, capture, shard(x, rank), shard(y, rank), t)
+            per_rank.append(capture.grads)
+        ref.finish(opt, [sum(gs) / WORLD for gs in zip(*per_rank)])
+    got = make_model("mlp")
+    got.load_state_dict(distributed[method, False])
+    assert_same_model(got, twin)
+    if method != "plain":  # the two options differ: the test can tell them apart
+        sync = make_model("mlp")
+        sync.load_state_dict(distributed[method, True])
+        assert not torch.allclose(sync.head.weight, got.head.weight, atol=1e-8)
+
+
+def test_a_distributed_step_without_the_model_is_refused(distributed) -> None:
+    assert "needs model=" in distributed["error"]
