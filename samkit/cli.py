@@ -63,6 +63,8 @@ def _train(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if trainer.rank != 0:  # under torchrun, rank 0 reports
+        return 0
     last = summary["last"]
     print(f"run: {trainer.run_dir}")
     groups = ", ".join(f"{k} {'n/a' if last[k] is None else format(last[k], '.4f')}"

@@ -4,6 +4,7 @@ hand, for every method, with the model wrapped in DistributedDataParallel."""
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 
@@ -30,26 +31,32 @@ def worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    results = {}
     try:
-        for method in METHODS:
-            for sync in (True, False):
-                model = make_model("mlp")
-                ddp = DistributedDataParallel(model)
-                opt = build(method, model, "sgd", model=ddp, ascent_sync=sync)
-                for t, (x, y) in enumerate(batches("mlp", STEPS, batch=BATCH)):
-                    opt.set_epoch(t)
-                    xr = shard(x, rank)
-                    opt.step(lambda xr=xr, ddp=ddp: ddp(xr), shard(y, rank))
-                results[method, sync] = model.state_dict()
-        try:  # without model=, a distributed step is refused
-            so.SAM(make_model("mlp").parameters(), lr=0.1).step(lambda: None, shard(y, rank))
-        except ValueError as err:
-            results["error"] = str(err)
-    finally:
+        results = train_all(rank)
         if rank == 0:
             torch.save(results, out)
+    finally:
+        gc.collect()  # DDP wrappers go before their process group
         dist.destroy_process_group()
+
+
+def train_all(rank: int) -> dict:
+    results = {}
+    for method in METHODS:
+        for sync in (True, False):
+            model = make_model("mlp")
+            ddp = DistributedDataParallel(model)
+            opt = build(method, model, "sgd", model=ddp, ascent_sync=sync)
+            for t, (x, y) in enumerate(batches("mlp", STEPS, batch=BATCH)):
+                opt.set_epoch(t)
+                xr = shard(x, rank)
+                opt.step(lambda xr=xr, ddp=ddp: ddp(xr), shard(y, rank))
+            results[method, sync] = model.state_dict()
+    try:  # without model=, a distributed step is refused
+        so.SAM(make_model("mlp").parameters(), lr=0.1).step(lambda: None, shard(y, rank))
+    except ValueError as err:
+        results["error"] = str(err)
+    return results
 
 
 @pytest.fixture(scope="module")

@@ -103,6 +103,10 @@ class RunConfig:
     eval_every: int = 1
     max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests)
     max_nonfinite: int = 20  # consecutive non-finite steps that stop the run
+    amp: str = "none"  # none, bf16 (autocast) or fp16 (autocast and a GradScaler)
+    accumulate: int = 1  # micro-batches per step, gradients accumulated (same step, less memory)
+    compile: bool | str = False  # torch.compile the model: true (inductor) or a backend's name
+    channels_last: bool = False  # channels-last memory format for images (faster convs on GPUs)
 
 
 @dataclass
@@ -290,3 +294,6 @@ def validate(config: Config) -> None:
     need(r.max_steps_per_epoch is None or r.max_steps_per_epoch >= 1, "run.max_steps_per_epoch",
          r.max_steps_per_epoch, "None or >= 1")
     need(r.threads is None or r.threads >= 1, "run.threads", r.threads, "None or >= 1")
+    need(r.amp in ("none", "bf16", "fp16"), "run.amp", r.amp, "none, bf16 or fp16")
+    need(1 <= r.accumulate <= d.batch_size, "run.accumulate", r.accumulate,
+         f">= 1 and <= data.batch_size ({d.batch_size})")

@@ -5,11 +5,16 @@ long-tailed split was made (split.json), metrics per epoch (metrics.jsonl), the 
 (summary.json), checkpoints written atomically (checkpoint.pt: the last one; best.pt: the weights of
 the best epoch) and plots (plots/*.png). A run stopped by SIGINT/SIGTERM saves where it stands and
 resumes exactly; repeated non-finite steps stop it without touching the last good checkpoint.
+
+Under torchrun (WORLD_SIZE > 1) every process builds the same split and the same global batches;
+each trains on its slice of every batch (data.batch_size is the global batch), the optimizer
+averages gradients over processes, and rank 0 alone evaluates, logs and writes the run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import inspect
 import json
@@ -27,8 +32,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import samkit
@@ -125,8 +132,11 @@ def make_model(config: Config, num_classes: int, in_channels: int) -> nn.Module:
 
 
 def make_optimizer(config: Config, model: nn.Module, counts: list[int],
-                   loss_fn: Callable[[Tensor, Tensor], Tensor]) -> so.SharpnessAware:
-    """The configured method over the model's parameters, given what its constructor asks for."""
+                   loss_fn: Callable[[Tensor, Tensor], Tensor], *,
+                   wrapped: nn.Module | None = None,
+                   grad_scaler: torch.amp.GradScaler | None = None) -> so.SharpnessAware:
+    """The configured method over the model's parameters, given what its constructor asks for.
+    `wrapped` is the model the steps call (its DistributedDataParallel wrapper, say)."""
     o = config.optim
     cls = so.get(o.method)
     wanted = inspect.signature(cls.__init__).parameters
@@ -145,7 +155,6 @@ def make_optimizer(config: Config, model: nn.Module, counts: list[int],
         base, base_kwargs = torch.optim.SGD, {"momentum": o.momentum, "nesterov": o.nesterov}
     else:
         base, base_kwargs = torch.optim.AdamW, {}
-    norm = {"norm_stats": o.norm_stats, "model": model} if o.norm_stats == "freeze" else {}
     known = set(wanted) | set(inspect.signature(so.SharpnessAware.__init__).parameters)
     unknown = sorted(set(o.kwargs) - known)
     if unknown:
@@ -154,15 +163,18 @@ def make_optimizer(config: Config, model: nn.Module, counts: list[int],
             f"{', '.join(p for p in wanted if p not in ('self', 'params', 'base', 'kwargs'))}"
         )
     return cls(model.parameters(), base=base, lr=o.lr, weight_decay=o.weight_decay,
-               loss_fn=loss_fn, skip_nonfinite=True, **norm, **base_kwargs, **kwargs)
+               loss_fn=loss_fn, skip_nonfinite=True, norm_stats=o.norm_stats,
+               model=wrapped if wrapped is not None else model, grad_scaler=grad_scaler,
+               **base_kwargs, **kwargs)
 
 
-def environment(device: torch.device) -> dict[str, Any]:
+def environment(device: torch.device, world: int = 1) -> dict[str, Any]:
     """Versions, machine and device, recorded with every run."""
     env = {"samkit": samkit.__version__, "python": platform.python_version(),
            "torch": torch.__version__, "numpy": np.__version__, "platform": platform.platform(),
            "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-           "threads": torch.get_num_threads(), "device": str(device), "argv": sys.argv}
+           "threads": torch.get_num_threads(), "device": str(device), "processes": world,
+           "argv": sys.argv}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
@@ -170,12 +182,33 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 def resolve_device(name: str) -> torch.device:
+    """run.device as a device; under torchrun, "auto" and "cuda" mean the process's own GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"run.device={name} but CUDA is not available; use run.device=cpu")
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return device
+
+
+def init_distributed(device: torch.device) -> bool:
+    """Join the process group that torchrun describes (WORLD_SIZE > 1); True if this call
+    created it. NCCL on GPUs, gloo on CPUs."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 @contextlib.contextmanager
@@ -230,6 +263,7 @@ class Trainer:
         self.progress = progress
         self.on_step = on_step
         self.run_dir = Path(config.run.out) / config.run.name
+        self.rank, self.world = 0, 1
 
     def log(self, message: str) -> None:
         if self.progress:
@@ -247,32 +281,68 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.manual_seed(c.run.seed)
         self.device = resolve_device(c.run.device)
+        self.owns_group = init_distributed(self.device)
+        self.rank, self.world = _world()
+        self.progress = self.progress and self.rank == 0
+        if c.data.batch_size % self.world:
+            raise ValueError(
+                f"data.batch_size={c.data.batch_size} (the global batch) must be divisible by "
+                f"the {self.world} processes"
+            )
         self.data = prepare_data(c, progress=self.progress)
         train = self.data.train
         self.num_classes = train.num_classes
         in_channels = train.images.shape[1]
         self.model = make_model(c, self.num_classes, in_channels).to(self.device)
+        self.memory_format = torch.channels_last if c.run.channels_last else torch.preserve_format
+        if c.run.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self.loss_fn = build_loss(c.loss.name, class_counts=self.data.counts,
                                   **c.loss.kwargs).to(self.device)
-        self.optimizer = make_optimizer(c, self.model, self.data.counts, self.loss_fn)
+        # what the steps call: the model, wrapped for several processes, compiled
+        self.net: nn.Module = self.model
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
+        if c.run.compile:
+            backend = "inductor" if c.run.compile is True else c.run.compile
+            self.net = torch.compile(self.net, backend=backend)
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.run.amp)
+        self.scaler = (torch.amp.GradScaler(self.device.type) if c.run.amp == "fp16" else None)
+        self.optimizer = make_optimizer(
+            c, self.model, self.data.counts, self.loss_fn,
+            wrapped=self.net if self.world > 1 else None, grad_scaler=self.scaler)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
-        self.model.register_forward_pre_hook(self._count_forward)
         augment = None
         if c.data.augment != "none" and train.images.dim() == 4:
             size = tuple(train.images.shape[-2:])
             augment = (crop_flip(size, c.data.crop_padding) if c.data.augment == "crop-flip"
                        else _flip_only)
+        # every process draws the same global batches; drop_last keeps them divisible
         self.loader = BatchLoader(train.images, train.labels, c.data.batch_size, shuffle=True,
                                   seed=c.run.seed, device=self.device, augment=augment,
-                                  mean=self.data.mean, std=self.data.std)
+                                  mean=self.data.mean, std=self.data.std,
+                                  drop_last=self.world > 1)
         self.test_loader = BatchLoader(self.data.test.images, self.data.test.labels,
                                        c.data.eval_batch_size, shuffle=False,
                                        device=self.device, mean=self.data.mean,
                                        std=self.data.std)
 
-    def _count_forward(self, module: nn.Module, args: Any) -> None:
-        if module.training:
-            self.state["forwards"] += 1
+    def _forward(self, x: Tensor) -> Tensor:
+        """The closure's forward: counted, on the model the steps call."""
+        self.state["forwards"] += 1
+        return self.net(x)
+
+    def _closures(self, x: Tensor, y: Tensor) -> tuple[Any, Any]:
+        """This process's slice of a global batch, as one closure or as micro-batches."""
+        if self.world > 1:
+            x, y = x.chunk(self.world)[self.rank], y.chunk(self.world)[self.rank]
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=self.memory_format)
+        k = self.config.run.accumulate
+        if k == 1:
+            return (lambda: self._forward(x)), y
+        return [lambda xi=xi: self._forward(xi) for xi in x.chunk(k)], list(y.chunk(k))
 
     def _fresh_state(self) -> dict[str, Any]:
         return {"epoch": 0, "step": 0, "global_step": 0, "train_time": 0.0, "seen": 0,
@@ -281,6 +351,8 @@ class Trainer:
                 "loss_sum": 0.0, "correct": 0, "counted": 0}
 
     def _checkpoint(self, path: Path, weights_only: bool = False) -> None:
+        if self.rank != 0:
+            return
         state = {"model": self.model.state_dict()}
         if not weights_only:
             state.update({
@@ -290,6 +362,8 @@ class Trainer:
             })
             if self.device.type == "cuda":
                 state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+            if self.scaler is not None:
+                state["grad_scaler"] = self.scaler.state_dict()
         save_checkpoint(path, state)
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
@@ -301,17 +375,44 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.loader.load_state_dict(ckpt["loader"])
+        if self.scaler is not None and "grad_scaler" in ckpt:
+            self.scaler.load_state_dict(ckpt["grad_scaler"])
         self.state = {**self._fresh_state(), **ckpt["progress"]}
+        if self.rank != 0:  # the epoch's running sums so far are rank 0's (reduced when saved)
+            self.state.update(loss_sum=0.0, correct=0, counted=0)
         torch.set_rng_state(ckpt["rng"])
         if "cuda_rng" in ckpt and self.device.type == "cuda":
             torch.cuda.set_rng_state(ckpt["cuda_rng"], self.device)
         # metrics.jsonl may hold epochs after the checkpoint (a crash after the log line)
-        lines = _read_metrics(self.run_dir)
-        kept = [m for m in lines if m["epoch"] < self.state["epoch"]]
-        _write_metrics(self.run_dir, kept)
+        if self.rank == 0:
+            lines = _read_metrics(self.run_dir)
+            kept = [m for m in lines if m["epoch"] < self.state["epoch"]]
+            _write_metrics(self.run_dir, kept)
 
     def _prepare_run_dir(self) -> dict[str, Any] | None:
-        """Create or reopen the run directory; return the summary of a finished run to resume."""
+        """Create or reopen the run directory; return the summary of a finished run to resume.
+        With several processes rank 0 decides and sends the others what it found."""
+        if self.world == 1:
+            return self._open_run_dir()
+        found: list[Any] = [None, None, None]  # error, finished summary, checkpoint
+        if self.rank == 0:
+            try:
+                found[1] = self._open_run_dir(restore=False)
+                if found[1] is None and (self.run_dir / CHECKPOINT).exists():
+                    found[2] = load_checkpoint(self.run_dir / CHECKPOINT, map_location="cpu")
+            except (ValueError, OSError) as err:
+                found[0] = err
+        dist.broadcast_object_list(found, src=0)
+        error, finished, ckpt = found
+        if error is not None:
+            raise error
+        if ckpt is not None:
+            self._restore(ckpt)
+            self.log(f"resuming {self.run_dir} at epoch {self.state['epoch']}, "
+                     f"step {self.state['step']}")
+        return finished
+
+    def _open_run_dir(self, restore: bool = True) -> dict[str, Any] | None:
         ckpt_path = self.run_dir / CHECKPOINT
         if self.run_dir.exists() and any(self.run_dir.iterdir()):
             if not self.resume:
@@ -328,14 +429,15 @@ class Trainer:
                     )
                 return json.loads((self.run_dir / SUMMARY).read_text())
             if ckpt_path.exists():
-                self._restore(load_checkpoint(ckpt_path, map_location=self.device))
-                self.log(f"resuming {self.run_dir} at epoch {self.state['epoch']}, "
-                         f"step {self.state['step']}")
+                if restore:
+                    self._restore(load_checkpoint(ckpt_path, map_location=self.device))
+                    self.log(f"resuming {self.run_dir} at epoch {self.state['epoch']}, "
+                             f"step {self.state['step']}")
                 return None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(
             yaml.safe_dump(self.config.to_dict(), sort_keys=False))
-        write_json(self.run_dir / "env.json", environment(self.device))
+        write_json(self.run_dir / "env.json", environment(self.device, self.world))
         write_json(self.run_dir / "split.json", self.data.split)
         return None
 
@@ -343,20 +445,53 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         """Train to the end (or to an interruption) and return the summary."""
-        self._setup()
-        self.state = self._fresh_state()
-        finished = self._prepare_run_dir()
-        if finished is not None:
-            self.log(f"{self.run_dir} is finished already")
-            return finished
-        epochs = self.config.schedule.epochs
-        with _stop_on_signals() as flag:
-            while self.state["epoch"] < epochs:
-                self._train_epoch(flag)
-                self._end_epoch()
-                if flag["stop"] and self.state["epoch"] < epochs:
-                    raise Interrupted(self.run_dir)  # the epoch's checkpoint is saved
-        return self._finish()
+        self.owns_group = False
+        try:
+            self._setup()
+            self.state = self._fresh_state()
+            finished = self._prepare_run_dir()
+            if finished is not None:
+                self.log(f"{self.run_dir} is finished already")
+                return finished
+            epochs = self.config.schedule.epochs
+            with _stop_on_signals() as flag:
+                while self.state["epoch"] < epochs:
+                    self._train_epoch(flag)
+                    self._end_epoch()
+                    if self._agree(flag["stop"]) and self.state["epoch"] < epochs:
+                        raise Interrupted(self.run_dir)  # the epoch's checkpoint is saved
+            summary = self._finish()
+            if self.owns_group:
+                dist.barrier()  # no process leaves while another still talks to it
+            return summary
+        finally:
+            if self.owns_group:
+                self._leave_group()
+
+    def _leave_group(self) -> None:
+        """Free the DDP wrapper while its process group lives, then shut the group down. (Were
+        the wrapper freed last, the group's destructor would join gloo's threads holding the GIL
+        that they may need: a deadlock seen at exit.)"""
+        self.net = self.model
+        if getattr(self, "optimizer", None) is not None:
+            self.optimizer.model = self.model
+        gc.collect()
+        dist.destroy_process_group()
+
+    def _agree(self, stop: bool) -> bool:
+        """Whether any process was asked to stop (all then stop at the same step)."""
+        if self.world == 1:
+            return stop
+        flag = torch.tensor([float(stop)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _sum_over_processes(self, *values: Tensor) -> list[Tensor]:
+        if self.world == 1:
+            return list(values)
+        flat = torch.stack([v.double() for v in values])
+        dist.all_reduce(flat)
+        return list(flat.unbind())
 
     def _train_epoch(self, flag: dict[str, bool]) -> None:
         c, st = self.config, self.state
@@ -376,12 +511,20 @@ class Trainer:
         start = time.perf_counter()
         loss_sum = torch.tensor(st["loss_sum"], dtype=torch.float64, device=self.device)
         correct = torch.tensor(st["correct"], dtype=torch.int64, device=self.device)
+        counted = torch.tensor(st["counted"], dtype=torch.int64, device=self.device)
+        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
+                    if self.autocast_dtype is not None else contextlib.nullcontext())
         for x, y in self.loader:
             t = epoch + st["step"] / steps
             factor = lr_factor(c.schedule, t)
             for group, lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
                 group["lr"] = lr * factor
-            out = self.optimizer.step(lambda x=x: self.model(x), y)
+            closure, labels = self._closures(x, y)
+            with autocast:
+                out = self.optimizer.step(closure, labels)
+            if self.scaler is not None:
+                self.scaler.update()
+            mine = labels if isinstance(labels, Tensor) else torch.cat(labels)
             st["step"] += 1
             st["global_step"] += 1
             st["seen"] += len(y)
@@ -397,25 +540,31 @@ class Trainer:
                     )
             else:
                 st["consecutive_nonfinite"] = 0
-                loss_sum += out.loss.double() * len(y)
-                correct += (out.logits.argmax(1) == y).sum()
-                st["counted"] += len(y)
+                loss_sum += out.loss.double() * len(mine)
+                correct += (out.logits.argmax(1) == mine).sum()
+                counted += len(mine)
             bar.update(1)
             if self.on_step is not None:
                 self.on_step(self, epoch, st["step"])
             if st["step"] >= steps:
                 break
-            if flag["stop"]:
+            if self._agree(flag["stop"]):
                 st["train_time"] += time.perf_counter() - start
-                st["loss_sum"], st["correct"] = float(loss_sum), int(correct)
+                self._keep_sums(loss_sum, correct, counted)
                 self._checkpoint(self.run_dir / CHECKPOINT)
                 bar.close()
                 raise Interrupted(self.run_dir)
         bar.close()
         st["train_time"] += time.perf_counter() - start
-        st["loss_sum"], st["correct"] = float(loss_sum), int(correct)
+        self._keep_sums(loss_sum, correct, counted)
         if self.loader.position != 0 and st["step"] >= steps:
             self.loader.set_epoch(epoch + 1)  # an epoch cut short by max_steps_per_epoch
+
+    def _keep_sums(self, loss_sum: Tensor, correct: Tensor, counted: Tensor) -> None:
+        """Store the epoch's running training sums, over all processes, in the state."""
+        loss_sum, correct, counted = self._sum_over_processes(loss_sum, correct, counted)
+        st = self.state
+        st["loss_sum"], st["correct"], st["counted"] = float(loss_sum), int(correct), int(counted)
 
     def _end_epoch(self) -> None:
         c, st = self.config, self.state
@@ -427,14 +576,15 @@ class Trainer:
             "nonfinite_steps": st["nonfinite"], "train_time_s": st["train_time"],
         }
         last = epoch + 1 == c.schedule.epochs
-        if last or (epoch + 1) % c.run.eval_every == 0:
+        if self.rank == 0 and (last or (epoch + 1) % c.run.eval_every == 0):
             record.update(self.evaluate())
             best = st["best"]
             if best is None or record["overall"] > best["overall"]:
                 st["best"] = {k: record[k] for k in ("epoch", "overall", "many", "medium", "few")}
                 self._checkpoint(self.run_dir / BEST, weights_only=True)
         st.update(epoch=epoch + 1, step=0, loss_sum=0.0, correct=0, counted=0)
-        _append_metrics(self.run_dir, record)
+        if self.rank == 0:
+            _append_metrics(self.run_dir, record)
         self._checkpoint(self.run_dir / CHECKPOINT)
         if "overall" in record:
             self.log(f"epoch {epoch + 1}/{c.schedule.epochs}: train loss "
@@ -462,6 +612,10 @@ class Trainer:
                 "per_class": [_num(v) for v in per_class.tolist()]}
 
     def _finish(self) -> dict[str, Any]:
+        if self.rank != 0:
+            summary: list[Any] = [None]
+            dist.broadcast_object_list(summary, src=0)
+            return summary[0]
         metrics = _read_metrics(self.run_dir)
         last = metrics[-1]
         st = self.state
@@ -480,7 +634,7 @@ class Trainer:
             "train_time_s": st["train_time"], "steps": st["global_step"],
             "forwards_per_step": st["forwards"] / max(st["global_step"], 1),
             "nonfinite_steps": st["nonfinite"],
-            "peak_memory_mb": _peak_memory_mb(self.device),
+            "peak_memory_mb": _peak_memory_mb(self.device), "processes": self.world,
             "note": "'last' is the final epoch; 'best' is the best test epoch (optimistic).",
         }
         write_json(self.run_dir / SUMMARY, summary)
@@ -490,6 +644,8 @@ class Trainer:
             plot_run(self.run_dir)
         except Exception as err:  # a plot must never cost a finished run
             self.log(f"warning: plots not written ({err})")
+        if self.world > 1:
+            dist.broadcast_object_list([summary], src=0)
         return summary
 
 
