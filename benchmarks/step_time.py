@@ -1,7 +1,11 @@
 """Time per optimizer step of every samkit method, against the floor its passes imply.
 
-    python benchmarks/step_time.py                      # ResNet-32, batch 128, CPU
-    python benchmarks/step_time.py --device cuda --reps 50
+    python benchmarks/step_time.py                      # ResNet-32, batch 128, CPU, float32
+    python benchmarks/step_time.py --device cuda --reps 50 --models resnet32,resnet18 \
+        --modes fp32,bf16,compiled,compiled-bf16 --channels-last
+
+Modes: fp32; bf16 (every pass under torch.autocast in bfloat16); compiled (the model under
+torch.compile); compiled-bf16 (both). One table per model and mode.
 
 For each method: the median step time divided by the median plain-SGD step time, next to the floor
 (nF tF + nB tB) / (tF + tB), where tF and tB are the median forward and backward times of the same
@@ -12,6 +16,7 @@ same rounds. Methods are interleaved round by round, so slow drifts of the machi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import statistics
 import time
@@ -56,31 +61,62 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+MODES = ("fp32", "bf16", "compiled", "compiled-bf16")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="resnet32")
+    parser.add_argument("--models", default="resnet32", help="comma-separated model names")
+    parser.add_argument("--modes", default="fp32", help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--reps", type=int, default=15, help="timed rounds per method")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last model and input")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    for mode in args.modes.split(","):
+        if mode not in MODES:
+            parser.error(f"--modes: {mode!r} is not one of {', '.join(MODES)}")
+    for model_name in args.models.split(","):
+        for mode in args.modes.split(","):
+            bench(model_name, mode, args)
+
+
+def bench(model_name: str, mode: str, args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = build_model(args.model, num_classes=NUM_CLASSES).to(device)
-    x = torch.randn(args.batch, 3, 32, 32, device=device)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = build_model(model_name, num_classes=NUM_CLASSES).to(device, memory_format=fmt)
+    net = torch.compile(model) if mode.startswith("compiled") else model
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if mode.endswith("bf16")
+                else contextlib.nullcontext())
+    x = torch.randn(args.batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, NUM_CLASSES, (args.batch,), device=device)
     present = len(torch.unique(y))
 
+    # the optimizers first: CC-SAM's hook must exist before the compiled model's first call
+    steps: dict[str, Callable[[], object]] = {}
+    passes: dict[str, tuple[int, int]] = {}
+    for name in args.methods.split(","):
+        kwargs, (nf, nb) = METHODS[name]
+        kwargs = dict(kwargs)
+        if name.startswith("ccsam") and kwargs.get("form") != "full":
+            kwargs["head"] = model.head
+        opt = so.create(name.split("-")[0], model.parameters(), lr=1e-4, momentum=0.9, **kwargs)
+        opt.set_epoch(5)
+        steps[name] = lambda opt=opt: opt.step(lambda: net(x), y)
+        passes[name] = (1 + present, 1 + 2 * present) if nf < 0 else (nf, nb)
     # forward and backward alone
     t_f, t_b = [], []
     for i in range(args.warmup + args.reps):
         sync(device)
         t0 = time.perf_counter()
-        loss = F.cross_entropy(model(x), y)
+        with autocast:
+            loss = F.cross_entropy(net(x), y)
         sync(device)
         t1 = time.perf_counter()
         loss.backward()
@@ -92,17 +128,6 @@ def main() -> None:
             t_b.append(t2 - t1)
     tf, tb = statistics.median(t_f), statistics.median(t_b)
 
-    steps: dict[str, Callable[[], object]] = {}
-    passes: dict[str, tuple[int, int]] = {}
-    for name in args.methods.split(","):
-        kwargs, (nf, nb) = METHODS[name]
-        kwargs = dict(kwargs)
-        if name.startswith("ccsam") and kwargs.get("form") != "full":
-            kwargs["head"] = model.head
-        opt = so.create(name.split("-")[0], model.parameters(), lr=1e-4, momentum=0.9, **kwargs)
-        opt.set_epoch(5)
-        steps[name] = lambda opt=opt: opt.step(lambda: model(x), y)
-        passes[name] = (1 + present, 1 + 2 * present) if nf < 0 else (nf, nb)
     try:
         from pytorch_optimizer import SAM as ReferenceSAM
 
@@ -110,9 +135,10 @@ def main() -> None:
                            lr=1e-4, momentum=0.9)
 
         def ref_step() -> None:
-            F.cross_entropy(model(x), y).backward()
+            F.cross_entropy(net(x), y).backward()
             ref.first_step(zero_grad=True)
-            F.cross_entropy(model(x), y).backward()
+            torch.clear_autocast_cache()  # else its second pass sees the unperturbed weights
+            F.cross_entropy(net(x), y).backward()
             ref.second_step(zero_grad=True)
 
         steps["pytorch_optimizer.SAM"] = ref_step
@@ -123,13 +149,16 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in steps}
     for i in range(args.warmup + args.reps):
         for name, step in steps.items():
-            t = timed(step, device)
+            with autocast:
+                t = timed(step, device)
             if i >= args.warmup:
                 times[name].append(t)
 
     base = statistics.median(times["plain"]) if "plain" in times else tf + tb
-    print(f"# {args.model}, batch {args.batch}, {device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    print(f"\n# {model_name}, {mode}, batch {args.batch}, {device}{gpu}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+          f"{', channels-last' if args.channels_last else ''}")
     print(f"# forward {tf * 1e3:.1f} ms, backward {tb * 1e3:.1f} ms, plain step {base * 1e3:.1f} ms, "
           f"{args.reps} rounds, {present} classes in the batch")
     print("| method | passes | ms/step | x SGD | floor | x floor |")

@@ -115,7 +115,11 @@ class CCSAM(ClassAware):
             self._grab.on = False
         features, self._grab.features = self._grab.features, None
         if features is None:
-            raise RuntimeError("the closure's forward did not call the head given to CCSAM")
+            raise RuntimeError(
+                "the closure's forward did not call the head given to CCSAM (under torch.compile, "
+                "create CCSAM before the compiled model's first call: a hook added later is not "
+                "traced)"
+            )
         return features, logits, losses
 
     def _step_classifier(self, batch: Batch) -> StepOutput:
@@ -135,8 +139,12 @@ class CCSAM(ClassAware):
             select = F.one_hot(labels, num_classes).to(losses.dtype).T / size  # (C, B)
             if self.grad_scaler is not None:
                 select = self.grad_scaler.scale(select)
+            # through the head alone, re-applied to the features: the batched backward never
+            # enters the model's graph (which torch.compile may have built)
+            with torch.enable_grad():
+                head_losses = self.loss_fn(self.head(features.detach()), labels)
             g_i = torch.autograd.grad(
-                losses, weights, grad_outputs=select, is_grads_batched=True, retain_graph=True
+                head_losses, weights, grad_outputs=select, is_grads_batched=True
             )
             g = list(g_i) if g is None else torch._foreach_add(g, g_i)
             clean = (1 - self.beta) * losses.sum() / size
