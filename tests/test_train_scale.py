@@ -95,9 +95,9 @@ def free_port() -> int:
 
 
 def test_samkit_train_under_torchrun_equals_one_process(tmp_path: Path) -> None:
-    """`samkit train` unchanged under torchrun: two processes train like one on the same global
-    batches; only rank 0 writes the run."""
-    recipe = tiny(tmp_path / "ddp", *NO_NORM, "run.threads=1")
+    """`samkit train` unchanged under torchrun: two processes (with a compiled DDP model) train
+    like one uncompiled process on the same global batches; only rank 0 writes the run."""
+    recipe = tiny(tmp_path / "ddp", *NO_NORM, "run.threads=1", "run.compile=aot_eager")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path])}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",

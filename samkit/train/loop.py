@@ -304,6 +304,7 @@ class Trainer:
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
+        wrapped = self.net if self.world > 1 else None  # the optimizer runs it under no_sync()
         if c.run.compile:
             backend = "inductor" if c.run.compile is True else c.run.compile
             self.net = torch.compile(self.net, backend=backend)
@@ -311,7 +312,7 @@ class Trainer:
         self.scaler = (torch.amp.GradScaler(self.device.type) if c.run.amp == "fp16" else None)
         self.optimizer = make_optimizer(
             c, self.model, self.data.counts, self.loss_fn,
-            wrapped=self.net if self.world > 1 else None, grad_scaler=self.scaler)
+            wrapped=wrapped, grad_scaler=self.scaler)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         augment = None
         if c.data.augment != "none" and train.images.dim() == 4:
