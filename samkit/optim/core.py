@@ -129,11 +129,11 @@ class SharpnessAware(torch.optim.Optimizer):
         skip_nonfinite: skip the base step (leaving weights and base state untouched) when the final
             gradient is not finite; costs one host sync per step. ``last_step_skipped`` and
             ``skipped_steps`` report it.
-        grad_scaler: a ``torch.amp.GradScaler`` for float16 autocast. Every backward is scaled; an
-            overflow in any pass (an ascent included, whose perturbation is then zeroed so no
-            non-finite forward touches the model) skips the whole step and leaves weights, buffers
-            of the ascent and base state untouched. Call ``grad_scaler.update()`` after each step,
-            as with any torch optimizer.
+        grad_scaler: a ``torch.amp.GradScaler`` for float16 autocast. Every backward is scaled. An
+            overflow in any pass skips the whole step, leaving weights and base state untouched;
+            in an ascent, the perturbation is zeroed too, so no non-finite forward reaches the
+            normalization statistics. Call ``grad_scaler.update()`` after each step, as with any
+            torch optimizer.
         ascent_sync: under torch.distributed, average the ascent gradients over processes, so all
             take one global perturbation (True, default: equal to one process on the concatenated
             batch); False lets each process ascend along its own gradient (the original SAM's
@@ -255,6 +255,7 @@ class SharpnessAware(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base={self.base!r})"
 
+    # ----------------------------------------------------------------------------------------------
     # The step
 
     def step(
@@ -580,9 +581,8 @@ class SharpnessAware(torch.optim.Optimizer):
             self._overflow = None
         self._average(grads)
         self.last_step_skipped = False
-        if self.grad_scaler is not None:
-            stepped = self.grad_scaler.step(self.base, _stepped)
-            self.last_step_skipped = stepped is None and self.grad_scaler.is_enabled()
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            self.last_step_skipped = self.grad_scaler.step(self.base, _stepped) is None
         elif self.skip_nonfinite and not bool(torch.isfinite(_global_norm(grads))):
             self.last_step_skipped = True
         else:
