@@ -231,6 +231,26 @@ def resolve_weights(
     return a
 
 
+def weighted_batches(
+    model: nn.Module,
+    loss_fn: LossFn,
+    source: Any,
+    weights: Any,
+    dtype: torch.dtype | None,
+    *,
+    subset: bool,
+    overrides: Mapping[str, Tensor] | None = None,
+) -> Iterator[tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor]]:
+    """For each batch of a DataSource: ``(x, y, a, total, outputs, mask)``, with ``a`` its resolved
+    weights and the rest from :func:`weighted_loss_sum`."""
+    for x, y in source:
+        a = resolve_weights(weights, x, y, dtype, source.single)
+        total, logits, mask = weighted_loss_sum(
+            model, loss_fn, x, y, a, subset=subset, overrides=overrides, dtype=dtype
+        )
+        yield x, y, a, total, logits, mask
+
+
 def weighted_loss_sum(
     model: nn.Module,
     loss_fn: LossFn,

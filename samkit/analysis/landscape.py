@@ -35,8 +35,7 @@ from samkit.analysis.hvp import (
     WeightsArg,
     analysis_mode,
     check_params,
-    resolve_weights,
-    weighted_loss_sum,
+    weighted_batches,
 )
 
 __all__ = [
@@ -169,19 +168,16 @@ class _Evaluator:
         correct = seen = 0
         logits_ok = True
         with analysis_mode(self.model, self.batch_stats):
-            for x, y in self.source:
-                a = resolve_weights(self.weights, x, y, self.dtype, self.source.single)
+            for x, y, a, total, logits, mask in weighted_batches(
+                self.model,
+                self.loss_fn,
+                self.source,
+                self.weights,
+                self.dtype,
+                subset=not self.batch_stats,
+                overrides=overrides,
+            ):
                 count += float(x.shape[0])
-                total, logits, mask = weighted_loss_sum(
-                    self.model,
-                    self.loss_fn,
-                    x,
-                    y,
-                    a,
-                    subset=not self.batch_stats,
-                    overrides=overrides,
-                    dtype=self.dtype,
-                )
                 if total is None:
                     continue
                 loss += float(total)

@@ -54,8 +54,7 @@ from samkit.analysis.hvp import (
     analysis_mode,
     check_params,
     class_weights,
-    resolve_weights,
-    weighted_loss_sum,
+    weighted_batches,
 )
 
 __all__ = [
@@ -242,18 +241,15 @@ class _GroupObjective:
         loss = 0.0
         self.passes += 1
         with analysis_mode(self.model, self.batch_stats), torch.set_grad_enabled(need_grad):
-            for x, y in self.source:
-                a = resolve_weights(self.weights, x, y, self.dtype, self.source.single)
-                total, _, _ = weighted_loss_sum(
-                    self.model,
-                    self.loss_fn,
-                    x,
-                    y,
-                    a,
-                    subset=not self.batch_stats,
-                    overrides=overrides,
-                    dtype=self.dtype,
-                )
+            for *_, total, _, _ in weighted_batches(
+                self.model,
+                self.loss_fn,
+                self.source,
+                self.weights,
+                self.dtype,
+                subset=not self.batch_stats,
+                overrides=overrides,
+            ):
                 if total is None:
                     continue
                 if need_grad:
