@@ -211,3 +211,20 @@ def test_freeze_finds_the_buffers_after_the_model_is_cast(cast: str) -> None:
         opt.step(lambda x=x: model(x), y)
         ref.sam(twin, ref_opt, x, y, freeze=True)
     assert_same_model(model, twin)
+
+
+@pytest.mark.parametrize(("method", "norm_stats"), [("asam", "update"), ("crsam", "authors")])
+def test_the_harness_builds_the_authors_variants(method: str, norm_stats: str) -> None:
+    """samkit train hands the optimizer named parameters (ASAM follows its authors' rule) and the
+    model (the statistics policies and the skip guard need it); CR-SAM's "authors" is a recipe
+    value."""
+    from samkit.train.config import load_config
+    from samkit.train.loop import make_optimizer
+
+    config = load_config(
+        None, [f"optim.method={method}", "optim.kwargs={}", f"optim.norm_stats={norm_stats}"]
+    )
+    model = make_model("conv")
+    opt = make_optimizer(config, model, COUNTS, so.per_sample_cross_entropy)
+    assert opt.model is model and opt.norm_stats == norm_stats
+    assert opt.param_groups[0]["param_names"] == [n for n, _ in model.named_parameters()]
