@@ -549,7 +549,7 @@ class SharpnessAware(torch.optim.Optimizer):
             self._average([grads[i] for i in present])
         direction = torch._foreach_mul([grads[i] for i in present], 1.0)
         modes = self._adaptive_modes()
-        scaled = [k for k, i in enumerate(present) if modes[i]]
+        scaled = [] if modes is None else [k for k, i in enumerate(present) if modes[i]]
         if scaled:
             # T_w = |w| + eta on the scaled parameters, T = 1 on the others
             t = torch._foreach_abs([params[present[k]] for k in scaled])
@@ -578,10 +578,12 @@ class SharpnessAware(torch.optim.Optimizer):
                 torch._foreach_mul_([e[i] for i in members], factor)
         return e
 
-    def _adaptive_modes(self) -> list[bool]:
+    def _adaptive_modes(self) -> list[bool] | None:
         """For each trainable parameter, whether the ascent scales it by T_w = |w| + eta: the
         group's "adaptive" (default: the optimizer's); with named parameters, only those whose
-        name contains "weight" (the ASAM authors' rule)."""
+        name contains "weight" (the ASAM authors' rule). None when no parameter is scaled."""
+        if not self.adaptive and not any(g.get("adaptive") for g in self.param_groups):
+            return None  # the plain ascent everywhere (without walking the parameters)
         modes = []
         for group in self.param_groups:
             on = bool(group.get("adaptive", self.adaptive))
