@@ -38,8 +38,9 @@ class ImbSAM(ClassAware):
             authors' current code (default 1).
         average: "batch" (default; the ImbSAM authors' code: each group's loss summed and divided
             by B) or "group" (the SSE-SAM authors' ImbSAM baseline: head loss averaged over the
-            batch's head samples, tail loss over its tail samples). Under "group", a batch with no
-            head (or no tail) sample gives that group a zero term, not NaN.
+            batch's head samples, tail loss over its tail samples; the batch is all micro-batches
+            and, with ascent_sync, all processes). Under "group", a batch with no head (or no tail)
+            sample gives that group a zero term, not NaN.
 
     The normalization statistics update on every pass by default (``norm_stats="update"``), as in
     both authors' codes.
@@ -76,11 +77,13 @@ class ImbSAM(ClassAware):
 
     def _group_means(self, batch: Batch, *groups: Tensor) -> list[Tensor]:
         """Rescale each group's per-class coefficients (0/1 tables) from 1/B to 1/n_group, n_group
-        the group's samples in the whole batch (all micro-batches and processes), on the device
-        without a host sync; an absent group keeps zero coefficients."""
+        the group's samples in the whole batch (all micro-batches; with ascent_sync, all processes,
+        otherwise each process's own step), on the device without a host sync; an absent group
+        keeps zero coefficients."""
         y = torch.cat(batch.labels)
         counts = torch.stack([g[y].sum() for g in groups])
-        world = self._world()
-        self._average([counts])  # the mean count per process: times world is the global count
+        world = self._world() if self.ascent_sync else 1
+        if self.ascent_sync:
+            self._average([counts])  # the mean count per process: times world is the global one
         scale = batch.size * world / (counts * world).clamp(min=1)
         return [g * scale[i] for i, g in enumerate(groups)]
