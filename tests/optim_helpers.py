@@ -116,7 +116,7 @@ def _efficient_methods() -> dict:
         ),
         "looksam": (
             "looksam",
-            {"rho": 0.1, "k": 2, "alpha": 0.7},
+            {"rho": 0.3, "k": 2, "alpha": 0.7},
             lambda m, o, x, y, t: ref.looksam(m, o, x, y, k=2, alpha=0.7),
         ),
         "fsam": (

@@ -344,7 +344,7 @@ def looksam(model, opt, x, y, k, alpha):
     if t % k == 0:
         with At(params, unit_perturbation(opt, g)):
             g_s = grad_of(ce(model(x), y).mean(), params)
-        coef = dot(g_s, g) / (dot(g, g) + 1e-12)
+        coef = dot(g_s, g) / max(dot(g, g), 1e-300)
         state["g_v"] = [a - coef * b for a, b in zip(g_s, g)]
         d = g_s
     else:

@@ -5,13 +5,14 @@ Symbols (paper Alg. 1): k the period of the full SAM step, alpha the weight of t
 g = grad L(w) (every step), g_s = grad L(w + rho unit(g)), g_v the component of g_s orthogonal to g.
 On step t:
 
-    t mod k = 0:  g_s at w + rho unit(g);  g_v = g_s - (<g_s, g> / (||g||^2 + eps)) g;  d = g_s
+    t mod k = 0:  g_s at w + rho unit(g);  g_v = g_s - (<g_s, g> / ||g||^2) g;  d = g_s
     otherwise:    d = g + alpha (||g|| / (||g_v|| + eps)) g_v                       (1F 1B)
     base step with d at w.                                Passes, averaged: (1 + 1/k)F (1 + 1/k)B
 
 Whole-vector decomposition, as the paper writes it and the MSAM authors' port does (rollovd's port
-and pytorch_optimizer's LookSAM decompose per tensor). The eps terms are samkit's: rollovd's unit()
-has none and gives NaN on a zero gradient. The step counter t lives in the optimizer's state (saved
+and pytorch_optimizer's LookSAM decompose per tensor). The eps in the reuse step is samkit's
+(rollovd's unit() has none and gives NaN on a zero gradient); the projection has none, so that
+rho = 0 gives g_v = 0 exactly (a zero g gives g_v = g_s). The step counter t lives in the optimizer's state (saved
 with it), so the period does not restart each epoch as rollovd's batch index does; it counts steps
 taken (a skipped step does not count). g_v is kept per parameter in the base's state
 ("looksam_gv"). k = 1 is SAM; alpha = 0 is "SAM-k" (SAM every k steps, the base step otherwise).
@@ -81,7 +82,9 @@ class LookSAM(SharpnessAware):
             if self.ascent_sync:
                 self._average(ds)
             with torch.no_grad():
-                coef = vec.dot(ds, gs) / (vec.dot(gs, gs) + EPS)
+                # no eps here: with g_s = g (rho = 0) the quotient is exactly 1 and g_v exactly 0
+                gg = vec.dot(gs, gs)
+                coef = vec.dot(ds, gs) / gg.clamp_min(torch.finfo(gg.dtype).tiny)
                 g_v = torch._foreach_mul(gs, -coef.to(gs[0].dtype)) if gs else []
                 torch._foreach_add_(g_v, ds)
         else:
