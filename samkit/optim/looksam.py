@@ -12,10 +12,11 @@ On step t:
 Whole-vector decomposition, as the paper writes it and the MSAM authors' port does (rollovd's port
 and pytorch_optimizer's LookSAM decompose per tensor). The eps in the reuse step is samkit's
 (rollovd's unit() has none and gives NaN on a zero gradient); the projection has none, so that
-rho = 0 gives g_v = 0 exactly (a zero g gives g_v = g_s). The step counter t lives in the optimizer's state (saved
-with it), so the period does not restart each epoch as rollovd's batch index does; it counts steps
-taken (a skipped step does not count). g_v is kept per parameter in the base's state
-("looksam_gv"). k = 1 is SAM; alpha = 0 is "SAM-k" (SAM every k steps, the base step otherwise).
+rho = 0 gives g_v = 0 exactly (a zero g gives g_v = g_s). The step counter t lives in the
+optimizer's state (saved with it), so the period does not restart each epoch as rollovd's batch
+index does; it counts steps taken (a skipped step does not count). g_v is kept per parameter in the
+base's state ("looksam_gv"). k = 1 is SAM; alpha = 0 is "SAM-k" (SAM every k steps, the base step
+otherwise).
 """
 
 from __future__ import annotations
