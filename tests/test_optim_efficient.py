@@ -405,3 +405,31 @@ def test_ksam_refuses_k_above_the_batch_and_a_label_free_step() -> None:
         opt.step(lambda: model(x), y)
     with pytest.raises(TypeError, match=r"needs the labels"):
         opt.step(lambda: F.cross_entropy(model(x), y))
+
+
+# ---- in the training loop ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["msam", "ksam"])
+def test_trainer_runs_the_method_and_evaluates_momentum_sam_at_w(
+    method: str, tiny_fmnist, tmp_path, monkeypatch
+) -> None:
+    from samkit.train.config import load_config
+    from samkit.train.loop import Trainer
+
+    seen = []
+    evaluate = Trainer.evaluate
+
+    def spy(self):
+        seen.append(getattr(self.optimizer, "_at_perturbed", False))
+        return evaluate(self)
+
+    monkeypatch.setattr(Trainer, "evaluate", spy)
+    overrides = [
+        f"data.root={tiny_fmnist}", "data.limit_per_class=300", "data.batch_size=32",
+        "schedule.epochs=1", "run.max_steps_per_epoch=3", f"run.out={tmp_path}", "run.name=t",
+        f"optim.method={method}",
+    ]
+    summary = Trainer(load_config(None, overrides), progress=False).run()
+    assert summary["steps"] == 3 and 0 <= summary["last"]["overall"] <= 1
+    assert seen == [False]  # evaluated at w (K-SAM is never perturbed between steps)

@@ -578,11 +578,14 @@ class Trainer:
         }
         last = epoch + 1 == c.schedule.epochs
         if self.rank == 0 and (last or (epoch + 1) % c.run.eval_every == 0):
-            record.update(self.evaluate())
-            best = st["best"]
-            if best is None or record["overall"] > best["overall"]:
-                st["best"] = {k: record[k] for k in ("epoch", "overall", "many", "medium", "few")}
-                self._checkpoint(self.run_dir / BEST, weights_only=True)
+            # Momentum-SAM's model holds perturbed weights between steps: evaluate and keep w
+            at_w = getattr(self.optimizer, "at_w", contextlib.nullcontext)
+            with at_w():
+                record.update(self.evaluate())
+                best = st["best"]
+                if best is None or record["overall"] > best["overall"]:
+                    st["best"] = {k: record[k] for k in ("epoch", "overall", "many", "medium", "few")}
+                    self._checkpoint(self.run_dir / BEST, weights_only=True)
         st.update(epoch=epoch + 1, step=0, loss_sum=0.0, correct=0, counted=0)
         if self.rank == 0:
             _append_metrics(self.run_dir, record)
