@@ -341,9 +341,13 @@ class Trainer:
         if x.dim() == 4:
             x = x.contiguous(memory_format=self.memory_format)
         k = self.config.run.accumulate
+        # `index`: K-SAM forwards only the samples it selected
         if k == 1:
-            return (lambda: self._forward(x)), y
-        return [lambda xi=xi: self._forward(xi) for xi in x.chunk(k)], list(y.chunk(k))
+            return (lambda index=None: self._forward(x if index is None else x[index])), y
+        return [
+            lambda index=None, xi=xi: self._forward(xi if index is None else xi[index])
+            for xi in x.chunk(k)
+        ], list(y.chunk(k))
 
     def _fresh_state(self) -> dict[str, Any]:
         return {"epoch": 0, "step": 0, "global_step": 0, "train_time": 0.0, "seen": 0,
