@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from samkit.optim.core import Grads
+from samkit.optim.core import Grads, _global_norm
 
 
 def present(*lists: Grads) -> list[int]:
@@ -39,7 +39,7 @@ def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
 
 def norm(tensors: Sequence[Tensor]) -> Tensor:
     """||t||_2 over all tensors, as a 0-d tensor in float32 at least."""
-    return torch.sqrt(dot(tensors, tensors))
+    return _global_norm(tensors)
 
 
 def group_members(param_groups: list[dict[str, Any]]) -> list[tuple[dict[str, Any], range]]:
