@@ -363,6 +363,50 @@ def test_msam_is_the_same_with_a_torch_style_closure() -> None:
     assert_same_model(model, twin, atol=0, rtol=0)
 
 
+# ---- closures -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("bsam", {"rho_max": 0.1, "rho_min": 0.05}),
+        ("gsam", {"rho": 0.1, "alpha": 0.3}),
+        ("looksam", {"rho": 0.1, "k": 2}),
+        ("fsam", {"rho": 0.1, "lam": 0.6}),
+    ],
+)
+def test_torch_style_closure_equals_the_labelled_step(name: str, kwargs: dict) -> None:
+    model = make_model("mlp")
+    twin = clone(model)
+    a = so.create(name, model.parameters(), **kwargs, **sgd_kwargs())
+    b = so.create(name, twin.parameters(), **kwargs, **sgd_kwargs())
+    for x, y in batches("mlp", STEPS):
+        out = a.step(lambda x=x: model(x), y)
+
+        def closure(x=x, y=y):
+            loss = F.cross_entropy(twin(x), y)
+            loss.backward()
+            return loss
+
+        torch.testing.assert_close(out.loss, b.step(closure).detach())
+    assert_same_model(model, twin, atol=1e-14, rtol=1e-12)
+
+
+def test_ksam_index_closure_on_a_compiled_model() -> None:
+    """The k-sample passes compile once: later steps recompile nothing."""
+    torch._dynamo.reset()
+    model = make_model("conv", dtype=torch.float32)
+    twin = clone(model)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    opt = so.KSAM(model.parameters(), rho=0.1, model=model, **sgd_kwargs())
+    ref_opt = so.KSAM(twin.parameters(), rho=0.1, model=twin, **sgd_kwargs())
+    for t, (x, y) in enumerate(batches("conv", 3, dtype=torch.float32)):
+        with torch._dynamo.config.patch(error_on_recompile=t > 0):
+            opt.step(indexed(compiled, x), y)
+        ref_opt.step(indexed(twin, x), y)
+    assert_same_model(model, twin, atol=1e-5, rtol=1e-4)
+
+
 # ---- bad input -----------------------------------------------------------------------------------
 
 
