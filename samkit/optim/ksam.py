@@ -168,6 +168,7 @@ class KSAM(SharpnessAware):
 
     def _update(self, batch: Batch) -> Tensor | StepOutput:
         params = self._params()
+        self.top_k(batch.size)  # a k above the batch is refused before any pass
         losses, logits = self._rank(batch)
         scores = torch.cat([x.detach() for x in losses]) if len(losses) > 1 else losses[0].detach()
         mask, chosen, weight = self._select(scores)
