@@ -52,6 +52,15 @@ def train_all(rank: int) -> dict:
                 xr = shard(x, rank)
                 opt.step(lambda xr=xr, ddp=ddp: ddp(xr), shard(y, rank))
             results[method, sync] = model.state_dict()
+    # K-SAM with a closure that forwards only the selected samples: each process its share of the
+    # global top k
+    model = make_model("mlp")
+    ddp = DistributedDataParallel(model)
+    opt = build("ksam", model, "sgd", model=ddp)
+    for x, y in batches("mlp", STEPS, batch=BATCH):
+        xr = shard(x, rank)
+        opt.step(lambda index=None, xr=xr: ddp(xr if index is None else xr[index]), shard(y, rank))
+    results["ksam-index"] = model.state_dict()
     try:  # without model=, a distributed step is refused
         so.SAM(make_model("mlp").parameters(), lr=0.1).step(lambda: None, shard(y, rank))
     except ValueError as err:
@@ -116,6 +125,16 @@ def test_per_process_ascent_equals_its_reference(distributed, method) -> None:
     assert_same_model(got, twin)
     if method != "plain":  # the two options differ: the test can tell them apart
         assert not torch.allclose(sync.head.weight, got.head.weight, atol=1e-8)
+
+
+def test_ksam_index_closures_take_the_global_top_k(distributed) -> None:
+    twin = make_model("mlp")
+    opt = reference_optimizer("ksam", twin, "sgd")
+    for x, y in batches("mlp", STEPS, batch=BATCH):
+        ref.ksam(twin, opt, x, y, k=BATCH // 4, subset=True)
+    got = make_model("mlp")
+    got.load_state_dict(distributed["ksam-index"])
+    assert_same_model(got, twin)
 
 
 def test_a_distributed_step_without_the_model_is_refused(distributed) -> None:
