@@ -274,19 +274,21 @@ def msam(model, opt, x, y, decay_at="w"):
     if decay_at == "perturbed":
         g = [gi + wds[0] * p.detach() for gi, p in zip(g, params)]
         opt.param_groups[0]["weight_decay"] = 0.0
-    s = state.get("s", 0.0)
+    scales = state.get("s", [0.0] * len(opt.param_groups))
     with torch.no_grad():
-        for p in params:
-            v = opt.state.get(p, {}).get(key)
-            if v is not None:
-                p.add_(s * v)
+        for group, s in zip(opt.param_groups, scales):
+            for p in group["params"]:
+                v = opt.state.get(p, {}).get(key)
+                if v is not None:
+                    p.add_(s * v)
     finish(opt, g)
     opt.param_groups[0]["weight_decay"] = wds[0]
-    vs = [opt.state[p][key] for p in params]
-    state["s"] = opt.param_groups[0]["rho"] / (global_norm(vs) + 1e-12)
+    norm = global_norm([opt.state[p][key] for p in params])
+    state["s"] = [group["rho"] / (norm + 1e-12) for group in opt.param_groups]
     with torch.no_grad():
-        for p, v in zip(params, vs):
-            p.sub_(state["s"] * v)
+        for group, s in zip(opt.param_groups, state["s"]):
+            for p in group["params"]:
+                p.sub_(s * opt.state[p][key])
 
 
 def ksam(model, opt, x, y, k, subset=True, graph=False):
@@ -324,12 +326,14 @@ def bsam(model, opt, x, y, min_scale="norm_ratio"):
 
 def gsam(model, opt, x, y, alpha):
     params = params_of(opt)
-    group = opt.param_groups[0]
-    frac = (group["lr"] - group["lr_min"]) / (group["lr_max"] - group["lr_min"])
-    rho_t = group["rho_min"] + (group["rho"] - group["rho_min"]) * frac
+    rho_t = []  # per parameter: its group's radius at the group's lr
+    for group in opt.param_groups:
+        frac = (group["lr"] - group["lr_min"]) / (group["lr_max"] - group["lr_min"])
+        rho = group["rho_min"] + (group["rho"] - group["rho_min"]) * frac
+        rho_t += [rho] * len(group["params"])
     g = grad_of(ce(model(x), y).mean(), params)
     n = global_norm(g)
-    with At(params, [rho_t * gi / (n + 1e-12) for gi in g]):
+    with At(params, [r * gi / (n + 1e-12) for r, gi in zip(rho_t, g)]):
         g_p = grad_of(ce(model(x), y).mean(), params)
     coef = dot(g, g_p) / (dot(g_p, g_p) + 1e-12)
     g_perp = [a - coef * b for a, b in zip(g, g_p)]

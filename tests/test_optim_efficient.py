@@ -363,6 +363,41 @@ def test_msam_is_the_same_with_a_torch_style_closure() -> None:
     assert_same_model(model, twin, atol=0, rtol=0)
 
 
+# ---- per-group radii ------------------------------------------------------------------------------
+
+
+def two_groups(model, body: dict, head: dict) -> list[dict]:
+    return [
+        {"params": list(model.body.parameters()), **body},
+        {"params": list(model.head.parameters()), **head},
+    ]
+
+
+def test_momentum_sam_and_gsam_per_group_radii_match_reference() -> None:
+    model = make_model("mlp")
+    twin = clone(model)
+    msam = so.MSAM(two_groups(model, {}, {"rho": 1.5}), rho=0.5, **sgd_kwargs())
+    ref_msam = torch.optim.SGD(two_groups(twin, {"rho": 0.5}, {"rho": 1.5}), **sgd_kwargs())
+    gmodel = make_model("mlp")
+    gtwin = clone(gmodel)
+    lr_range = {"lr_max": 0.2, "lr_min": 0.0}
+    head = {"rho": 0.3, "lr": 0.1}
+    gsam = so.GSAM(
+        two_groups(gmodel, {}, head), rho=0.1, rho_min=0.02, alpha=0.3, **lr_range, **sgd_kwargs()
+    )
+    body = {"rho": 0.1, "rho_min": 0.02, **lr_range}
+    ref_gsam = torch.optim.SGD(
+        two_groups(gtwin, body, {**head, "rho_min": 0.02, **lr_range}), **sgd_kwargs()
+    )
+    for x, y in batches("mlp", STEPS):
+        msam.step(lambda x=x: model(x), y)
+        ref.msam(twin, ref_msam, x, y)
+        gsam.step(lambda x=x: gmodel(x), y)
+        ref.gsam(gtwin, ref_gsam, x, y, alpha=0.3)
+    assert_same_model(model, twin)
+    assert_same_model(gmodel, gtwin)
+
+
 # ---- closures -------------------------------------------------------------------------------------
 
 
@@ -470,8 +505,13 @@ def test_trainer_runs_the_method_and_evaluates_momentum_sam_at_w(
 
     monkeypatch.setattr(Trainer, "evaluate", spy)
     overrides = [
-        f"data.root={tiny_fmnist}", "data.limit_per_class=300", "data.batch_size=32",
-        "schedule.epochs=1", "run.max_steps_per_epoch=3", f"run.out={tmp_path}", "run.name=t",
+        f"data.root={tiny_fmnist}",
+        "data.limit_per_class=300",
+        "data.batch_size=32",
+        "schedule.epochs=1",
+        "run.max_steps_per_epoch=3",
+        f"run.out={tmp_path}",
+        "run.name=t",
         f"optim.method={method}",
     ]
     summary = Trainer(load_config(None, overrides), progress=False).run()
