@@ -61,6 +61,14 @@ def train_all(rank: int) -> dict:
         xr = shard(x, rank)
         opt.step(lambda index=None, xr=xr: ddp(xr if index is None else xr[index]), shard(y, rank))
     results["ksam-index"] = model.state_dict()
+    # ... and a process holding none of them still joins the averages (with zero gradients)
+    model = make_model("mlp")
+    ddp = DistributedDataParallel(model)
+    opt = build("ksam", model, "sgd", model=ddp, k=2)
+    for x, y in lopsided_batches():
+        xr = shard(x, rank)
+        opt.step(lambda index=None, xr=xr: ddp(xr if index is None else xr[index]), shard(y, rank))
+    results["ksam-empty"] = model.state_dict()
     try:  # without model=, a distributed step is refused
         so.SAM(make_model("mlp").parameters(), lr=0.1).step(lambda: None, shard(y, rank))
     except ValueError as err:
@@ -127,13 +135,30 @@ def test_per_process_ascent_equals_its_reference(distributed, method) -> None:
         assert not torch.allclose(sync.head.weight, got.head.weight, atol=1e-8)
 
 
-def test_ksam_index_closures_take_the_global_top_k(distributed) -> None:
+def lopsided_batches() -> list:
+    """Batches whose high losses all sit in the first process's shard (inputs x 20 there, 0 in
+    the second: every second-shard sample has the same moderate loss)."""
+    out = []
+    for x, y in batches("mlp", STEPS, batch=BATCH):
+        x = x.clone()
+        x[: BATCH // WORLD] *= 20
+        x[BATCH // WORLD :] = 0
+        out.append((x, y))
+    return out
+
+
+@pytest.mark.parametrize("case,k", [("ksam-index", BATCH // 4), ("ksam-empty", 2)])
+def test_ksam_index_closures_take_the_global_top_k(distributed, case: str, k: int) -> None:
     twin = make_model("mlp")
     opt = reference_optimizer("ksam", twin, "sgd")
-    for x, y in batches("mlp", STEPS, batch=BATCH):
-        ref.ksam(twin, opt, x, y, k=BATCH // 4, subset=True)
+    data = lopsided_batches() if case == "ksam-empty" else batches("mlp", STEPS, batch=BATCH)
+    for x, y in data:
+        if case == "ksam-empty":
+            losses = ref.ce(twin(x), y)
+            assert set(torch.topk(losses, k).indices.tolist()) < set(range(BATCH // WORLD))
+        ref.ksam(twin, opt, x, y, k=k, subset=True)
     got = make_model("mlp")
-    got.load_state_dict(distributed["ksam-index"])
+    got.load_state_dict(distributed[case])
     assert_same_model(got, twin)
 
 

@@ -149,21 +149,28 @@ class KSAM(SharpnessAware):
     ) -> Grads:
         """grad of weight * sum_{b in S} l_b at the current weights, over every micro-batch."""
         grads: Grads = [None] * len(params)
-        start = 0
+        start, passes = 0, 0
         for closure, labels in zip(batch.closures, batch.labels or [], strict=True):
             n = labels.shape[0]
             part = mask[start : start + n]
+            start += n
             if takes_index(closure):
                 # one micro-batch on one process: the top-k indices, without a host sync
                 one = len(batch.closures) == 1 and chosen.numel()
                 index = chosen if one else part.nonzero()[:, 0]
-                if index.numel():
-                    _, losses = self._forward(lambda c=closure, i=index: c(index=i), labels[index])
-                    grads = self._backward(losses.sum() * weight, params, into=grads)
+                if not index.numel():
+                    last = passes == 0 and start == batch.size and self._world() > 1
+                    if not last:
+                        continue
+                    # no sample of S here: a zero-weighted pass on one sample gives this
+                    # process zero gradients of the shape the others average with
+                    index, part = index.new_zeros(1), part.new_zeros(1)
+                _, losses = self._forward(lambda c=closure, i=index: c(index=i), labels[index])
+                grads = self._backward((losses * part[index]).sum() * weight, params, into=grads)
             else:
                 _, losses = self._forward(closure, labels)
                 grads = self._backward((losses * part).sum() * weight, params, into=grads)
-            start += n
+            passes += 1
         return grads
 
     def _update(self, batch: Batch) -> Tensor | StepOutput:
