@@ -70,11 +70,12 @@ def test_ksam_graph_option_matches_reference() -> None:
     assert_same_model(model, twin)
 
 
-def test_ksam_micro_batches_select_over_the_whole_batch() -> None:
+@pytest.mark.parametrize("graph", [False, True])
+def test_ksam_micro_batches_select_over_the_whole_batch(graph: bool) -> None:
     model = make_model("mlp")
     twin = clone(model)
-    opt = so.KSAM(model.parameters(), rho=0.1, k=7, **sgd_kwargs())
-    big = so.KSAM(twin.parameters(), rho=0.1, k=7, **sgd_kwargs())
+    opt = so.KSAM(model.parameters(), rho=0.1, k=7, graph=graph, **sgd_kwargs())
+    big = so.KSAM(twin.parameters(), rho=0.1, k=7, graph=graph, **sgd_kwargs())
     for x, y in batches("mlp", STEPS):
         xs, ys = x.split([10, 6, 8]), y.split([10, 6, 8])
         out = opt.step([indexed(model, xi) for xi in xs], list(ys))
