@@ -197,8 +197,13 @@ def reference_steps(
     model: torch.nn.Module, net: Callable, x: torch.Tensor, y: torch.Tensor
 ) -> dict[str, Callable[[], None]]:
     """pytorch_optimizer's SAM, GSAM, LookSAM and FriendlySAM, each driven as its docs show, with
-    the settings of the samkit rows they are timed against."""
+    the settings of the samkit rows they are timed against (written against its 4.1.0)."""
     import pytorch_optimizer as po
+
+    missing = [n for n in ("GSAM", "LookSAM", "FriendlySAM", "ProportionScheduler") if not hasattr(po, n)]
+    if missing:
+        raise SystemExit(f"pytorch_optimizer {po.__version__} lacks {', '.join(missing)}: "
+                         "pip install 'pytorch_optimizer>=4.1'")
 
     def sgd(params: object) -> torch.optim.SGD:
         return torch.optim.SGD(params, lr=1e-4, momentum=0.9)
