@@ -61,6 +61,7 @@ def test_registry_lists_every_method() -> None:
 # ---- identities ---------------------------------------------------------------------------------
 
 
+# K-SAM with rho = 0 is the base step on its top-k mean loss (test_optim_efficient.py)
 @pytest.mark.parametrize("name", sorted(set(SETTINGS) - {"plain", "ksam"}))
 def test_zero_radius_is_the_base_optimizer(name: str) -> None:
     model = make_model("conv")
@@ -125,6 +126,7 @@ def test_batch_without_tail_samples_gives_a_finite_step(name: str) -> None:
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+# Momentum-SAM's model holds w - s v between steps, so it moves even at lr = 0
 @pytest.mark.parametrize("name", sorted(set(SETTINGS) - {"msam"}))
 def test_lr_zero_leaves_weights_bitwise_unchanged(name: str) -> None:
     """Also pins that the weights are restored by copy: subtracting e would not be exact in fp32."""
