@@ -37,7 +37,7 @@ class BSAM(SharpnessAware):
     """Bilateral SAM: SAM's ascent plus a descent step's flatness around w.
 
     Args:
-        rho_max: the ascent radius (default 0.05); a param group may set its own.
+        rho_max: the ascent radius (default 0.05, the authors'); a param group may set its own.
         rho_min: the descent-side radius (default 0.05, the authors' value at lr_0).
         min_scale: "norm_ratio" (r = ||g_max|| / ||g_min||, the authors' code) or "one" (r = 1).
         See :class:`samkit.optim.core.SharpnessAware` for the base, loss and policy arguments.

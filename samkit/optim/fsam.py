@@ -40,7 +40,8 @@ class FriendlySAM(SharpnessAware):
     """Friendly SAM: SAM perturbed along g - sigma m, m an EMA of past batch gradients.
 
     Args:
-        rho: the ascent radius (default 0.05); a param group may set its own.
+        rho: the ascent radius (default 0.05, pytorch_optimizer's; the authors' CIFAR-100 script
+            uses 0.2); a param group may set its own.
         sigma: weight of the EMA's removal, >= 0 (default 1, the authors').
         lam: the EMA's decay, in [0, 1] (default 0.9, the authors' class default).
         ema_order: "code" (d uses the previous EMA; default) or "paper" (d uses the updated one).

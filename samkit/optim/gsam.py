@@ -31,7 +31,8 @@ class GSAM(SharpnessAware):
     """Surrogate-gap guided SAM: SAM's descent plus an orthogonal descent of the gap L_p - L.
 
     Args:
-        rho: rho_max, the radius at lr = lr_max (default 0.05); a param group may set its own.
+        rho: rho_max, the radius at lr = lr_max (default 0.05, SAM's usual CIFAR value [samkit]);
+            a param group may set its own.
         rho_min: the radius at lr = lr_min (default: rho, a constant radius). The paper's ImageNet
             ResNet-50 uses rho 0.04 -> 0.02, its ViTs 0.6 -> 0 or 0.1.
         alpha: weight of the gap descent, in [0, 1] (default 0.4: the authors' CIFAR example and

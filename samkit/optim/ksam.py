@@ -54,7 +54,7 @@ class KSAM(SharpnessAware):
     """SAM on the k highest-loss samples of each batch.
 
     Args:
-        rho: the ascent radius (default 0.05); a param group may set its own.
+        rho: the ascent radius (default 0.05, SAM's [samkit]); a param group may set its own.
         k: samples per step (default: ``fraction`` of the batch).
         fraction: k = max(1, floor(fraction * B)) when k is not given (default 0.25, samkit's).
         graph: take the ascent gradient through the ranking forward's graph (see above).
