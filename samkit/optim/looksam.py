@@ -39,7 +39,7 @@ class LookSAM(SharpnessAware):
     """SAM every k steps; in between, the last ascent's orthogonal direction g_v is reused.
 
     Args:
-        rho: the ascent radius (default 0.05, SAM's [samkit]; the ports and pytorch_optimizer use
+        rho: the ascent radius (default 0.05, SAM's [samkit]; pytorch_optimizer's is
             0.1); a param group may set its own.
         k: the period (default 10, the ports' value); k = 1 is SAM.
         alpha: weight of the reused direction, >= 0 (default 0.7, the ports' value).
