@@ -263,3 +263,146 @@ def ccsam_full(model, opt, x, y, counts, s, beta):
             g = grad_of(beta * (mask * ce(model(x), y)).sum() / b, params)
         final = [a + d for a, d in zip(final, g)]
     finish(opt, final)
+
+
+# ---- the efficient variants (spec/ALGORITHMS-EFFICIENT.md) ---------------------------------------
+# Stateful methods keep their state on the reference optimizer object, in `opt.ref_state`.
+
+
+def ref_state(opt):
+    if not hasattr(opt, "ref_state"):
+        opt.ref_state = {}
+    return opt.ref_state
+
+
+def dot(a, b):
+    return sum(float((x.double() * y.double()).sum()) for x, y in zip(a, b))
+
+
+class FrozenStats:
+    """Restore the model's BatchNorm running statistics on exit."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.saved = {
+            k: v.clone()
+            for k, v in self.model.state_dict().items()
+            if "running" in k or "num_batches" in k
+        }
+
+    def __exit__(self, *exc):
+        self.model.load_state_dict(self.saved, strict=False)
+
+
+def msam(model, opt, x, y, decay_at="w"):
+    """The model holds w~ = w - s v; s stored per group, v the base's momentum (or Adam's m)."""
+    params = params_of(opt)
+    state = ref_state(opt)
+    key = "momentum_buffer" if isinstance(opt, torch.optim.SGD) else "exp_avg"
+    g = grad_of(ce(model(x), y).mean(), params)
+    wds = [group["weight_decay"] for group in opt.param_groups]
+    if decay_at == "perturbed":
+        g = [gi + wds[0] * p.detach() for gi, p in zip(g, params)]
+        opt.param_groups[0]["weight_decay"] = 0.0
+    scales = state.get("s", [0.0] * len(opt.param_groups))
+    with torch.no_grad():
+        for group, s in zip(opt.param_groups, scales):
+            for p in group["params"]:
+                v = opt.state.get(p, {}).get(key)
+                if v is not None:
+                    p.add_(s * v)
+    finish(opt, g)
+    opt.param_groups[0]["weight_decay"] = wds[0]
+    norm = global_norm([opt.state[p][key] for p in params])
+    state["s"] = [group["rho"] / (norm + 1e-12) for group in opt.param_groups]
+    with torch.no_grad():
+        for group, s in zip(opt.param_groups, state["s"]):
+            for p in group["params"]:
+                p.sub_(s * opt.state[p][key])
+
+
+def ksam(model, opt, x, y, k, subset=True, graph=False):
+    """SAM on the top-k losses; BN statistics updated by the ranking forward only."""
+    params = params_of(opt)
+    if graph:
+        losses = ce(model(x), y)
+    else:
+        with torch.no_grad():
+            losses = ce(model(x), y)
+    top = torch.topk(losses.detach(), k).indices
+
+    def loss_on_top():
+        if subset:
+            return ce(model(x[top]), y[top]).sum() / k
+        return ce(model(x), y)[top].sum() / k
+
+    with FrozenStats(model):
+        g = grad_of(losses[top].sum() / k, params) if graph else grad_of(loss_on_top(), params)
+        with At(params, unit_perturbation(opt, g)):
+            g_p = grad_of(loss_on_top(), params)
+    finish(opt, g_p)
+
+
+def bsam(model, opt, x, y, min_scale="norm_ratio"):
+    params = params_of(opt)
+    g0 = grad_of(ce(model(x), y).mean(), params)
+    with At(params, unit_perturbation(opt, g0, key="rho_max")):
+        g_max = grad_of(ce(model(x), y).mean(), params)
+    with At(params, unit_perturbation(opt, g0, key="rho_min"), -1.0):
+        g_min = grad_of(ce(model(x), y).mean(), params)
+    r = global_norm(g_max) / (global_norm(g_min) + 1e-12) if min_scale == "norm_ratio" else 1.0
+    finish(opt, [a + b - r * c for a, b, c in zip(g_max, g0, g_min)])
+
+
+def gsam(model, opt, x, y, alpha):
+    params = params_of(opt)
+    rho_t = []  # per parameter: its group's radius at the group's lr
+    for group in opt.param_groups:
+        frac = (group["lr"] - group["lr_min"]) / (group["lr_max"] - group["lr_min"])
+        rho = group["rho_min"] + (group["rho"] - group["rho_min"]) * frac
+        rho_t += [rho] * len(group["params"])
+    g = grad_of(ce(model(x), y).mean(), params)
+    n = global_norm(g)
+    with At(params, [r * gi / (n + 1e-12) for r, gi in zip(rho_t, g)]):
+        g_p = grad_of(ce(model(x), y).mean(), params)
+    coef = dot(g, g_p) / (dot(g_p, g_p) + 1e-12)
+    g_perp = [a - coef * b for a, b in zip(g, g_p)]
+    finish(opt, [b - alpha * c for b, c in zip(g_p, g_perp)])
+
+
+def looksam(model, opt, x, y, k, alpha):
+    params = params_of(opt)
+    state = ref_state(opt)
+    t = state.get("t", 0)
+    g = grad_of(ce(model(x), y).mean(), params)
+    if t % k == 0:
+        with At(params, unit_perturbation(opt, g)):
+            g_s = grad_of(ce(model(x), y).mean(), params)
+        coef = dot(g_s, g) / max(dot(g, g), 1e-300)
+        state["g_v"] = [a - coef * b for a, b in zip(g_s, g)]
+        d = g_s
+    else:
+        ratio = alpha * global_norm(g) / (global_norm(state["g_v"]) + 1e-12)
+        d = [a + ratio * v for a, v in zip(g, state["g_v"])]
+    state["t"] = t + 1
+    finish(opt, d)
+
+
+def fsam(model, opt, x, y, sigma, lam, ema_order="code"):
+    params = params_of(opt)
+    state = ref_state(opt)
+    g = grad_of(ce(model(x), y).mean(), params)
+    m_old = state.get("m")
+    if ema_order == "code":
+        d = g if m_old is None else [a - sigma * m for a, m in zip(g, m_old)]
+        m_new = g if m_old is None else [lam * m + (1 - lam) * a for a, m in zip(g, m_old)]
+    else:
+        m_old = m_old or [torch.zeros_like(a) for a in g]
+        m_new = [lam * m + (1 - lam) * a for a, m in zip(g, m_old)]
+        d = [a - sigma * m for a, m in zip(g, m_new)]
+    state["m"] = m_new
+    with At(params, unit_perturbation(opt, d)):
+        g_adv = grad_of(ce(model(x), y).mean(), params)
+    finish(opt, g_adv)
