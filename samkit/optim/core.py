@@ -410,8 +410,20 @@ class SharpnessAware(torch.optim.Optimizer):
         output: StepOutput(mean loss, logits), or a torch-style closure's loss). `terms` defaults
         to the per-sample losses (the plain mean loss)."""
         if batch.labels is None:
-            for p in params:
-                p.grad = None
+            # A gradient already in p.grad when step(closure) is called (accumulated before the
+            # step, as torch.optim.SGD allows) is the gradient at w of samples the closure does not
+            # re-evaluate. It joins every pass of this step, as the closure's own backward would
+            # accumulate onto it: so it shapes the ascent direction, and it enters the final
+            # gradient exactly once (every method's final gradient combines its passes with
+            # weights summing to 1). Those samples are not re-evaluated at w + e; for an exact
+            # sharpness-aware step on all of them, pass them as micro-batches.
+            if any(p.grad is not None for p in params):
+                self._held = (batch, self._take_grads(params))
+            elif getattr(self, "_held", None) is not None and self._held[0] is not batch:
+                self._held = None
+            held = self._held[1] if getattr(self, "_held", None) is not None else None
+            for i, p in enumerate(params):
+                p.grad = None if held is None or held[i] is None else held[i].clone()
             with torch.enable_grad():
                 loss = batch.closures[0]()
             return [self._take_grads(params)], loss
