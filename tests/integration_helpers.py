@@ -24,17 +24,22 @@ METHODS = {
 LABEL_METHODS = ["imbsam", "ccsam", "focalsam", "ssesam", "bisam"]
 
 
-def make_optimizer(method: str, model: torch.nn.Module, **base) -> so.SharpnessAware:
-    """`method` over `model`'s trainable parameters (SGD with momentum unless `base` says else)."""
-    cls = so.get(method)
-    wanted = inspect.signature(cls.__init__).parameters
+def method_kwargs(method: str, model: torch.nn.Module) -> dict:
+    """The test settings of `method`, with the class counts and head it needs."""
+    wanted = inspect.signature(so.get(method).__init__).parameters
     kwargs = dict(METHODS[method])
     if "class_counts" in wanted:
         kwargs["class_counts"] = COUNTS
     if "head" in wanted:
         kwargs["head"] = model.head
+    return kwargs
+
+
+def make_optimizer(method: str, model: torch.nn.Module, **base) -> so.SharpnessAware:
+    """`method` over `model`'s trainable parameters (SGD with momentum unless `base` says else)."""
     base = base or {"lr": 0.05, "momentum": 0.9}
-    return cls([p for p in model.parameters() if p.requires_grad], **kwargs, **base)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return so.get(method)(params, **method_kwargs(method, model), **base)
 
 
 def tiny_model(seed: int = 0, dtype=torch.float64) -> MLP:

@@ -31,7 +31,11 @@ def unwrap(optimizer: object) -> SharpnessAware:
 def before_base_step(opt: SharpnessAware, fn: Callable[[], None]) -> Iterator[None]:
     """Run `fn` when p.grad holds the final gradient, just before the base step (gradient
     clipping, a library's pre-step hooks), for the steps taken inside the block."""
-    handle = opt.base.register_step_pre_hook(lambda *_: fn())
+
+    def hook(*_: object) -> None:
+        fn()
+
+    handle = opt.base.register_step_pre_hook(hook)
     try:
         yield
     finally:
