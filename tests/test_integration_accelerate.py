@@ -104,3 +104,19 @@ def test_step_without_closure_is_a_clear_error(make_accelerator):
     opt = prepare_optimizer(accelerator, make_optimizer("sam", net), net)
     with pytest.raises(TypeError, match="needs a closure"):
         opt.step()
+
+
+def test_a_closure_reading_a_changed_loop_variable_is_refused(make_accelerator):
+    x, y = tiny_data(16)
+    accelerator = make_accelerator(gradient_accumulation_steps=2)
+    net = tiny_model()
+    model = accelerator.prepare(net)
+    opt = prepare_optimizer(accelerator, make_optimizer("sam", model), model)
+
+    def run():
+        for xb, yb in zip(x.split(8), y.split(8)):
+            with accelerator.accumulate(model):
+                opt.step(lambda: model(xb), yb)  # noqa: B023 (late-bound on purpose)
+
+    with pytest.raises(ValueError, match="lambda x=x"):
+        run()

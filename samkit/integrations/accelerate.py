@@ -47,6 +47,7 @@ class SharpnessAwareAcceleratedOptimizer(AcceleratedOptimizer):
         if isinstance(model, DistributedDataParallel):
             optimizer.model = model
         self._pending: list[tuple[Callable[[], Tensor], Tensor | None]] = []
+        self._bound: list[list[tuple[Any, Any]]] = []  # each closure's free variables, as recorded
         self._is_accelerate_prepared = True
 
     def step(self, closure: Callable[[], Tensor] | None = None,
@@ -65,9 +66,20 @@ class SharpnessAwareAcceleratedOptimizer(AcceleratedOptimizer):
                 "every micro-batch, or to none"
             )
         self._pending.append((closure, labels))
+        self._bound.append([(c, _cell_value(c)) for c in _cells(closure)])
         if not self.gradient_state.sync_gradients:
             return None
         pending, self._pending = self._pending, []
+        bound, self._bound = self._bound, []
+        for cells in bound[:-1]:
+            for cell, value in cells:
+                if _cell_value(cell) is not value:
+                    raise ValueError(
+                        "a closure of this accumulation window reads a variable that has changed "
+                        "since it was recorded (a loop variable, say), so it would see a later "
+                        "micro-batch: bind it when you create the closure, e.g. "
+                        "opt.step(lambda x=x: model(x), y)"
+                    )
         opt: SharpnessAware = self.optimizer
         if pending[0][1] is not None:
             out = opt.step([c for c, _ in pending], [y for _, y in pending])
@@ -79,6 +91,21 @@ class SharpnessAwareAcceleratedOptimizer(AcceleratedOptimizer):
         if self.grad_scaler is not None:
             self.grad_scaler.update()
         return out
+
+
+def _cells(closure: Callable[[], Tensor]) -> list[Any]:
+    """The filled free-variable cells of a closure (none for other callables)."""
+    return [c for c in getattr(closure, "__closure__", None) or () if _cell_value(c) is not _EMPTY]
+
+
+_EMPTY = object()
+
+
+def _cell_value(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # a cell not yet filled
+        return _EMPTY
 
 
 def _mean_of(losses: list[Tensor]) -> Tensor:
