@@ -101,3 +101,25 @@ def test_logged_loss_is_the_clean_loss_and_clipping_acts_on_the_final_gradient(t
     for window in windows:
         opt.step([lambda xb=xb: ref(xb) for xb, _ in window], [yb for _, yb in window])
     assert_same_weights(mlp, ref)
+
+
+def test_a_samkit_optimizer_given_whole_is_used(tmp_path):
+    mlp = tiny_model()
+    ref = copy.deepcopy(mlp)
+    opt = make_optimizer("imbsam", mlp)  # SGD with momentum as the base
+    trainer = Recording(model=Net(mlp), args=args(tmp_path), train_dataset=dataset(),
+                        optimizers=(opt, None))
+    trainer.seen = []
+    trainer.train()
+    windows = [trainer.seen[i:i + 2] for i in range(0, len(trainer.seen), 2)]
+    reference_run("imbsam", ref, windows)
+    assert_same_weights(mlp, ref)
+
+
+def test_a_plain_torch_optimizer_is_refused(tmp_path):
+    mlp = tiny_model()
+    trainer = SharpnessAwareTrainer(
+        model=Net(mlp), args=args(tmp_path), train_dataset=dataset(),
+        optimizers=(torch.optim.SGD(mlp.parameters(), lr=0.1), None))
+    with pytest.raises(TypeError, match="expected a samkit optimizer"):
+        trainer.train()
