@@ -120,3 +120,21 @@ def test_a_closure_reading_a_changed_loop_variable_is_refused(make_accelerator):
 
     with pytest.raises(ValueError, match="lambda x=x"):
         run()
+
+
+def test_the_accelerator_grad_scaler_goes_to_samkit(make_accelerator):
+    # accelerate uses a GradScaler with fp16 on a GPU; on this CPU one is set by hand
+    x, y = tiny_data(16)
+    net = tiny_model()
+    ref = copy.deepcopy(net)
+    accelerator = make_accelerator()
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+    opt = prepare_optimizer(accelerator, make_optimizer("focalsam", net), net)
+    out = opt.step(lambda: net(x), y)
+    assert opt.optimizer.grad_scaler is accelerator.scaler
+    assert accelerator.scaler.get_scale() == 2.0**11  # updated once, after the step
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+    expected = make_optimizer("focalsam", ref)
+    expected.grad_scaler = scaler
+    torch.testing.assert_close(out.loss, expected.step(lambda: ref(x), y).loss, rtol=0, atol=0)
+    assert_same_weights(net, ref)
