@@ -123,3 +123,25 @@ def test_a_plain_torch_optimizer_is_refused(tmp_path):
         optimizers=(torch.optim.SGD(mlp.parameters(), lr=0.1), None))
     with pytest.raises(TypeError, match="expected a samkit optimizer"):
         trainer.train()
+
+
+def test_bf16_runs_every_pass_under_autocast(tmp_path):
+    x, y = tiny_data(16, dtype=torch.float32)
+    mlp = tiny_model(dtype=torch.float32)
+    ref = copy.deepcopy(mlp)
+    data = [{"x": xi, "labels": yi} for xi, yi in zip(x, y)]
+    trainer = Recording(model=Net(mlp), args=args(tmp_path, bf16=True, max_steps=1,
+                                                  per_device_train_batch_size=16,
+                                                  gradient_accumulation_steps=1),
+                        train_dataset=data, method="focalsam", base=torch.optim.SGD,
+                        method_kwargs=method_kwargs("focalsam", mlp))
+    trainer.seen = []
+    trainer.train()
+    (xb, yb), = trainer.seen
+    opt = make_optimizer("focalsam", ref, lr=0.01)  # SGD: the base given to the Trainer
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        opt.step(lambda: ref(xb), yb)
+    assert_same_weights(mlp, ref, atol=1e-7)
+    fp32 = tiny_model(dtype=torch.float32)  # and bf16 mattered: a float32 step lands elsewhere
+    make_optimizer("focalsam", fp32, lr=0.01).step(lambda: fp32(xb), yb)
+    assert not torch.allclose(fp32.body[0].weight, mlp.body[0].weight, rtol=0, atol=1e-7)
