@@ -416,14 +416,17 @@ class SharpnessAware(torch.optim.Optimizer):
             # accumulate onto it: so it shapes the ascent direction, and it enters the final
             # gradient exactly once (every method's final gradient combines its passes with
             # weights summing to 1). Those samples are not re-evaluated at w + e; for an exact
-            # sharpness-aware step on all of them, pass them as micro-batches.
+            # sharpness-aware step on all of them, pass them as micro-batches. The first pass
+            # takes it and wraps the closure (whose list lives as long as this step) to restore it.
             if any(p.grad is not None for p in params):
-                self._held = (batch, self._take_grads(params))
-            elif getattr(self, "_held", None) is not None and self._held[0] is not batch:
-                self._held = None
-            held = self._held[1] if getattr(self, "_held", None) is not None else None
-            for i, p in enumerate(params):
-                p.grad = None if held is None or held[i] is None else held[i].clone()
+                held, run = self._take_grads(params), batch.closures[0]
+
+                def restoring() -> Tensor:
+                    for p, g in zip(params, held, strict=True):
+                        p.grad = None if g is None else g.clone()
+                    return run()
+
+                batch.closures[0] = restoring
             with torch.enable_grad():
                 loss = batch.closures[0]()
             return [self._take_grads(params)], loss
