@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import copy
 
+import accelerate
 import pytest
-
-accelerate = pytest.importorskip("accelerate")
-
-import torch  # noqa: E402
-from accelerate.state import AcceleratorState, GradientState  # noqa: E402
-from integration_helpers import (  # noqa: E402
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from integration_helpers import (
     METHODS,
     assert_same_weights,
     make_optimizer,
@@ -20,7 +18,7 @@ from integration_helpers import (  # noqa: E402
     tiny_model,
 )
 
-from samkit.integrations.accelerate import prepare_optimizer  # noqa: E402
+from samkit.integrations.accelerate import prepare_optimizer
 
 
 @pytest.fixture

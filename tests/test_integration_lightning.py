@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import copy
 
+import lightning.pytorch as pl
 import pytest
-
-pl = pytest.importorskip("lightning.pytorch")
-
-import torch  # noqa: E402
-from integration_helpers import (  # noqa: E402
+import torch
+from integration_helpers import (
     METHODS,
     assert_same_weights,
     make_optimizer,
@@ -19,9 +17,9 @@ from integration_helpers import (  # noqa: E402
     tiny_data,
     tiny_model,
 )
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset
 
-from samkit.integrations.lightning import SharpnessAwareModule  # noqa: E402
+from samkit.integrations.lightning import SharpnessAwareModule
 
 
 class Lit(SharpnessAwareModule):

@@ -6,21 +6,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
+import torch
+import transformers
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
-
-import torch  # noqa: E402
-
-import samkit.optim as so  # noqa: E402
-from samkit.integrations.peft import build_adapted_vit  # noqa: E402
-from samkit.train.config import load_config  # noqa: E402
-from samkit.train.loop import Trainer, make_model  # noqa: E402
+import samkit.optim as so
+from samkit.integrations.peft import build_adapted_vit
+from samkit.train.config import load_config
+from samkit.train.loop import Trainer, make_model
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "imagenet_lt_clip_lora_focal.yaml"
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -4,15 +4,11 @@ method, with gradient accumulation, logs the clean loss and clips the final grad
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-transformers = pytest.importorskip("transformers")
-
-import torch  # noqa: E402
-from integration_helpers import (  # noqa: E402
+import torch
+import transformers
+from integration_helpers import (
     METHODS,
     assert_same_weights,
     make_optimizer,
@@ -22,7 +18,7 @@ from integration_helpers import (  # noqa: E402
     tiny_model,
 )
 
-from samkit.integrations.transformers import SharpnessAwareTrainer  # noqa: E402
+from samkit.integrations.transformers import SharpnessAwareTrainer
 
 
 class Net(torch.nn.Module):
