@@ -33,16 +33,21 @@ def params_of(opt):
     return [p for group in opt.param_groups for p in group["params"]]
 
 
-def unit_perturbation(opt, gs, key="rho", adaptive=False, eta=0.0):
-    """e_p = rho_group * g_p / (||g|| + 1e-12), or ASAM's rho T^2 g / ||T g||."""
+def unit_perturbation(opt, gs, key="rho", adaptive=False, eta=0.0, scaled=None):
+    """e_p = rho_group * g_p / (||g|| + 1e-12), or ASAM's rho T^2 g / ||T g||, where T_p = |w_p| + eta
+    for the parameters p with scaled[p] (all by default) and T_p = 1 for the others."""
     out = []
     if adaptive:
-        tg = [(p.detach().abs() + eta) * g for p, g in zip(params_of(opt), gs)]
+        params = params_of(opt)
+        if scaled is None:
+            scaled = [True] * len(params)
+        ts = [p.detach().abs() + eta if on else 1.0 for p, on in zip(params, scaled)]
+        tg = [t * g for t, g in zip(ts, gs)]
         n = global_norm(tg)
         k = 0
         for group in opt.param_groups:
-            for p in group["params"]:
-                out.append(group[key] * (p.detach().abs() + eta) * tg[k] / (n + 1e-12))
+            for _ in group["params"]:
+                out.append(group[key] * ts[k] * tg[k] / (n + 1e-12))
                 k += 1
         return out
     n = global_norm(gs)
@@ -92,28 +97,33 @@ def plain(model, opt, x, y):
     finish(opt, grad_of(ce(model(x), y).mean(), params))
 
 
-def sam(model, opt, x, y, adaptive=False, eta=0.0, freeze=False):
+def sam(model, opt, x, y, adaptive=False, eta=0.0, freeze=False, scaled=None):
     params = params_of(opt)
     g = grad_of(ce(model(x), y).mean(), params)
     with At(
         params,
-        unit_perturbation(opt, g, adaptive=adaptive, eta=eta),
+        unit_perturbation(opt, g, adaptive=adaptive, eta=eta, scaled=scaled),
         freeze=model if freeze else None,
     ):
         g_adv = grad_of(ce(model(x), y).mean(), params)
     finish(opt, g_adv)
 
 
-def imbsam(model, opt, x, y, counts, eta=20, kappa=1.0, key="rho"):
+def imbsam(model, opt, x, y, counts, eta=20, kappa=1.0, key="rho", average="batch"):
+    """average "batch": both group losses divided by B; "group": the head loss is the mean over the
+    batch's head samples, the tail loss the mean over its tail samples (0 for an absent group)."""
     params = params_of(opt)
     tail_classes = [c for c, n in enumerate(counts) if n < eta]
     is_tail = torch.tensor([float(int(v) in tail_classes) for v in y], dtype=x.dtype)
     losses = ce(model(x), y)
-    b = len(y)
-    g_head = grad_of(((1 - is_tail) * losses).sum() / b, params, retain=True)
-    g_tail = grad_of((is_tail * losses).sum() / b, params)
+    n_tail = int(is_tail.sum())
+    n_head = len(y) - n_tail
+    b_head = max(n_head, 1) if average == "group" else len(y)
+    b_tail = max(n_tail, 1) if average == "group" else len(y)
+    g_head = grad_of(((1 - is_tail) * losses).sum() / b_head, params, retain=True)
+    g_tail = grad_of((is_tail * losses).sum() / b_tail, params)
     with At(params, unit_perturbation(opt, g_tail, key=key)):
-        g_tail_adv = grad_of(kappa * (is_tail * ce(model(x), y)).sum() / b, params)
+        g_tail_adv = grad_of(kappa * (is_tail * ce(model(x), y)).sum() / b_tail, params)
     finish(opt, [a + c for a, c in zip(g_head, g_tail_adv)])
 
 
@@ -162,21 +172,36 @@ def bisam_q(logits, y, bound, mu, alpha):
     return torch.stack(rows)
 
 
-def bisam(model, opt, x, y, bound="log", mu=1.0, alpha=0.1):
+def bisam_smoothed_ce(logits, y, s=0.1):
+    """The BiSAM authors' descent loss: 1 - s on the target, s / (K - 1) on each other class."""
+    k = logits.shape[1]
+    log_p = torch.log_softmax(logits, dim=1)
+    rows = []
+    for i in range(logits.shape[0]):
+        target = torch.zeros(k, dtype=logits.dtype)
+        for j in range(k):
+            target[j] = 1 - s if j == int(y[i]) else s / (k - 1)
+        rows.append(-(target * log_p[i]).sum())
+    return torch.stack(rows)
+
+
+def bisam(model, opt, x, y, bound="log", mu=1.0, alpha=0.1, descent=ce):
     params = params_of(opt)
     g_q = grad_of(bisam_q(model(x), y, bound, mu, alpha).mean(), params)
     with At(params, unit_perturbation(opt, g_q)):
-        g = grad_of(ce(model(x), y).mean(), params)
+        g = grad_of(descent(model(x), y).mean(), params)
     finish(opt, g)
 
 
-def crsam(model, opt, x, y, a, b):
+def crsam(model, opt, x, y, a, b, stats="update"):
+    """stats: "update" (every pass updates the running statistics), "freeze" (both perturbed
+    passes restored), "authors" (the pass at w + e restored, the one at w - e updates them)."""
     params = params_of(opt)
     g0 = grad_of(ce(model(x), y).mean(), params)
     e = unit_perturbation(opt, g0)
-    with At(params, e, +1.0):
+    with At(params, e, +1.0, freeze=None if stats == "update" else model):
         gp = grad_of(ce(model(x), y).mean(), params)
-    with At(params, e, -1.0):
+    with At(params, e, -1.0, freeze=model if stats == "freeze" else None):
         gm = grad_of(ce(model(x), y).mean(), params)
     finish(opt, [p + a * (p + m - 2 * z) + b * (p - m) for p, m, z in zip(gp, gm, g0)])
 
@@ -185,7 +210,10 @@ def _rho_c(w_norm, g_norm, k, n_c):
     return math.sqrt(w_norm / (2 * (g_norm + 1e-12))) * k**-0.25 * (n_c - 1) ** -0.25
 
 
-def ccsam_classifier(model, opt, x, y, counts, s, beta):
+def ccsam_classifier(model, opt, x, y, counts, s, beta, variant="authors"):
+    """variant "authors": g_c from class c's mean loss over its samples in the batch, the weight and
+    bias perturbations each divided by its own norm; "joint": g_c from class c's loss summed over
+    the batch and divided by B, one norm over weight and bias together."""
     params = params_of(opt)
     head = model.head
     f = model.features(x)
@@ -197,10 +225,14 @@ def ccsam_classifier(model, opt, x, y, counts, s, beta):
     e = {}
     for c in range(len(counts)):
         mask = (y == c).to(x.dtype)
-        g_c = grad_of((mask * losses).sum() / b, weights, retain=True)
+        divisor = max(int(mask.sum()), 1) if variant == "authors" else b
+        g_c = grad_of((mask * losses).sum() / divisor, weights, retain=True)
         n = global_norm(g_c)
         rho = _rho_c(w_norm, n, k, counts[c])
-        e[c] = [s * math.sqrt(k) * rho * g / (n + 1e-12) for g in g_c]
+        if variant == "authors":
+            e[c] = [s * math.sqrt(k) * rho * g / (global_norm([g]) + 1e-12) for g in g_c]
+        else:
+            e[c] = [s * math.sqrt(k) * rho * g / (n + 1e-12) for g in g_c]
     perturbed = []
     for i in range(b):
         ew, eb = e[int(y[i])]

@@ -26,6 +26,11 @@ METHODS = {
         {"rho": 0.1, "class_counts": COUNTS, "kappa": 2.0},
         lambda m, o, x, y, t: ref.imbsam(m, o, x, y, COUNTS, eta=20, kappa=2.0),
     ),
+    "imbsam-group": (
+        "imbsam",
+        {"rho": 0.1, "class_counts": COUNTS, "kappa": 2.0, "average": "group"},
+        lambda m, o, x, y, t: ref.imbsam(m, o, x, y, COUNTS, eta=20, kappa=2.0, average="group"),
+    ),
     "focalsam": (
         "focalsam",
         {"rho": 0.1, "class_counts": COUNTS, "gamma": 2.0, "lam": 0.8},

@@ -197,7 +197,8 @@ def make_optimizer(config: Config, model: nn.Module, counts: list[int],
             f"optim.kwargs.{unknown[0]} is not a parameter of {cls.__name__}; its parameters: "
             f"{', '.join(p for p in wanted if p not in ('self', 'params', 'base', 'kwargs'))}"
         )
-    return cls(model.parameters(), base=base, lr=o.lr, weight_decay=o.weight_decay,
+    # named parameters: an adaptive ascent (ASAM) follows its authors' rule, scaling only weights
+    return cls(model.named_parameters(), base=base, lr=o.lr, weight_decay=o.weight_decay,
                loss_fn=loss_fn, skip_nonfinite=True, norm_stats=o.norm_stats,
                model=wrapped if wrapped is not None else model, grad_scaler=grad_scaler,
                **base_kwargs, **kwargs)
