@@ -501,8 +501,23 @@ class SharpnessAware(torch.optim.Optimizer):
         output: StepOutput(mean loss, logits), or a torch-style closure's loss). `terms` defaults
         to the per-sample losses (the plain mean loss)."""
         if batch.labels is None:
-            for p in params:
-                p.grad = None
+            # A gradient already in p.grad when step(closure) is called (accumulated before the
+            # step, as torch.optim.SGD allows) is the gradient at w of samples the closure does not
+            # re-evaluate. It joins every pass of this step, as the closure's own backward would
+            # accumulate onto it: so it shapes the ascent direction, and it enters the final
+            # gradient exactly once (every method's final gradient combines its passes with
+            # weights summing to 1). Those samples are not re-evaluated at w + e; for an exact
+            # sharpness-aware step on all of them, pass them as micro-batches. The first pass
+            # takes it and wraps the closure (whose list lives as long as this step) to restore it.
+            if any(p.grad is not None for p in params):
+                held, run = self._take_grads(params), batch.closures[0]
+
+                def restoring() -> Tensor:
+                    for p, g in zip(params, held, strict=True):
+                        p.grad = None if g is None else g.clone()
+                    return run()
+
+                batch.closures[0] = restoring
             with torch.enable_grad():
                 loss = batch.closures[0]()
             return [self._take_grads(params)], loss

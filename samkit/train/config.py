@@ -61,6 +61,7 @@ class DataConfig:
 class ModelConfig:
     name: str = "small-cnn"  # a samkit model, or your own as "package.module:factory"
     head: str = "linear"  # linear or normed (LDAM's cosine classifier)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the model's builder
 
 
 @dataclass

@@ -134,13 +134,20 @@ def import_user_module(module: str) -> Any:
 
 
 def make_model(config: Config, num_classes: int, in_channels: int) -> nn.Module:
-    """A model of samkit's by name, or the user's own as "package.module:factory" (called with
-    whichever of num_classes, in_channels and head it accepts), found as import_user_module
-    finds it."""
-    name = config.model.name
+    """A model of samkit's by name, the user's own as "package.module:factory" (called with
+    whichever of num_classes, in_channels and head it accepts, found as import_user_module finds
+    it), or "hf:<folder or hub name>" (a CLIP vision tower or ViT with a LoRA adapter);
+    model.kwargs go to the builder."""
+    name, kwargs = config.model.name, dict(config.model.kwargs)
+    if name.startswith("hf:"):  # a pretrained vision transformer with a LoRA adapter
+        if config.data.normalize:
+            raise ValueError(f"model.name={name} normalises images with the backbone's own mean "
+                             "and std: set data.normalize=false")
+        from samkit.integrations.peft import build_adapted_vit
+        return build_adapted_vit(name[3:], num_classes, in_channels, config.model.head, **kwargs)
     if ":" not in name:
         return build_model(name, num_classes=num_classes, in_channels=in_channels,
-                           head=config.model.head)
+                           head=config.model.head, **kwargs)
     module, _, attr = name.partition(":")
     try:
         factory = getattr(import_user_module(module), attr)
@@ -153,7 +160,7 @@ def make_model(config: Config, num_classes: int, in_channels: int) -> nn.Module:
         raise ValueError(f"model.name={name}: cannot import {attr} from {module} ({err})") from None
     offered = {"num_classes": num_classes, "in_channels": in_channels, "head": config.model.head}
     wanted = inspect.signature(factory).parameters
-    model = factory(**{k: v for k, v in offered.items() if k in wanted})
+    model = factory(**{k: v for k, v in offered.items() if k in wanted}, **kwargs)
     if not isinstance(model, nn.Module):
         raise ValueError(f"model.name={name} returned {type(model).__name__}, not a torch.nn.Module")
     return model

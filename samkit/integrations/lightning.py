@@ -1,0 +1,151 @@
+"""PyTorch Lightning: a LightningModule base class that steps any samkit method.
+
+Subclass :class:`SharpnessAwareModule` instead of ``LightningModule``: write ``forward`` (returning
+logits) and ``configure_optimizers`` (returning a samkit optimizer, with a scheduler if you like); the
+module provides ``training_step``. Both of Lightning's optimization modes work:
+
+* automatic (the default): Trainer flags ``accumulate_grad_batches``, ``gradient_clip_val``,
+  ``precision="bf16-mixed"``, checkpoint resume and ``strategy="ddp"`` work as usual. Each batch of an
+  accumulation window is only recorded; at the window's last batch (inside Lightning's
+  ``optimizer_step``) samkit takes one step on all of them as micro-batches, so N accumulated batches
+  give exactly samkit's step on the N micro-batches, for every method. Gradient clipping and the
+  ``on_before_optimizer_step`` hooks act on the final gradient, just before the base step.
+* manual (``self.automatic_optimization = False``): call :meth:`SharpnessAwareModule.samkit_step`
+  from your own ``training_step``; the default ``training_step`` does this once per batch.
+
+Either way ``training_step`` never runs on perturbed weights: ``train_loss`` and ``train_acc`` are
+logged from the clean pass (override :meth:`log_clean` to log more), and ``global_step`` counts steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+
+from samkit.integrations._common import before_base_step, unwrap
+from samkit.optim.core import StepOutput
+
+
+class SharpnessAwareModule(pl.LightningModule):
+    """A LightningModule trained by a samkit optimizer (see the module docstring).
+
+    Override :meth:`unpack` when a batch is not ``(inputs, labels)``, and :meth:`log_clean` to log
+    more than the clean loss and accuracy.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._samkit_pending: list[tuple[Any, Tensor]] = []
+        self._samkit_window_end = False
+
+    # -- what a subclass may override -------------------------------------------------------------
+
+    def unpack(self, batch: Any) -> tuple[Any, Tensor]:
+        """(inputs, labels) of a batch; the inputs are passed to ``self(inputs)``."""
+        x, y = batch[0], batch[1]
+        return x, y
+
+    def log_clean(self, out: StepOutput, labels: Tensor) -> None:
+        """Log the clean pass of a step: its mean loss and accuracy on the step's samples."""
+        acc = (out.logits.argmax(1) == labels).float().mean()
+        n = labels.shape[0]
+        self.log("train_loss", out.loss, prog_bar=True, batch_size=n)
+        self.log("train_acc", acc, prog_bar=True, batch_size=n)
+
+    # -- the step -----------------------------------------------------------------------------------
+
+    def samkit_step(
+        self, closures: Callable[[], Tensor] | Sequence[Callable[[], Tensor]],
+        labels: Tensor | Sequence[Tensor],
+    ) -> StepOutput:
+        """One samkit step (closures re-evaluating the model and returning logits, and labels, as
+        for ``opt.step``) that Lightning counts: ``global_step`` advances, the
+        ``on_before_optimizer_step`` hooks (and in automatic optimization, gradient clipping) run on
+        the final gradient, and under DDP samkit averages the gradients itself."""
+        lopt = self.optimizers()
+        if isinstance(lopt, list):
+            raise ValueError(
+                "SharpnessAwareModule trains with one optimizer: return a single samkit optimizer "
+                "from configure_optimizers"
+            )
+        opt = unwrap(lopt)
+        trainer = self.trainer
+        strategy_model = trainer.strategy.model
+        if isinstance(strategy_model, DistributedDataParallel):
+            opt.model = strategy_model  # samkit runs its passes under no_sync and averages itself
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            opt.grad_scaler = scaler
+
+        def before_step() -> None:
+            for callback in trainer.callbacks:
+                callback.on_before_optimizer_step(trainer, self, lopt)
+            self.on_before_optimizer_step(lopt)
+            if self.automatic_optimization:
+                self.configure_gradient_clipping(
+                    lopt, trainer.gradient_clip_val, trainer.gradient_clip_algorithm
+                )
+
+        lopt._on_before_step()  # Lightning's own progress tracking, as LightningOptimizer.step
+        with before_base_step(opt, before_step):
+            out = opt.step(closures, labels)
+        lopt._on_after_step()
+        if scaler is not None:
+            scaler.update()
+        if not isinstance(out, StepOutput):
+            raise TypeError("samkit_step needs closures returning logits, with their labels")
+        return out
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Record the batch; at the end of an accumulation window (every batch in manual mode) take
+        one samkit step on the recorded batches and log its clean pass. Returns the clean loss at
+        the window's end, a zero (contributing no gradient) before it."""
+        x, y = self.unpack(batch)
+        self._samkit_pending.append((x, y))
+        if self.automatic_optimization and not self._samkit_window_end:
+            return torch.zeros((), device=y.device, requires_grad=True)
+        pending, self._samkit_pending = self._samkit_pending, []
+        closures = [lambda xi=xi: self(xi) for xi, _ in pending]
+        labels = [yi for _, yi in pending]
+        out = self.samkit_step(closures, labels)
+        self.log_clean(out, torch.cat(labels))
+        # Lightning backpropagates what training_step returns: a detached copy gives no gradient
+        return out.loss.detach().clone().requires_grad_()
+
+    def optimizer_step(
+        self,
+        epoch: int,
+        batch_idx: int,
+        optimizer: Any,
+        optimizer_closure: Callable[[], Any] | None = None,
+    ) -> None:
+        """Lightning's step at the end of an accumulation window: run its closure (so
+        ``training_step`` of the window's last batch takes the samkit step), outside DDP's
+        gradient synchronisation, which samkit does itself."""
+        if optimizer_closure is None:
+            raise ValueError("SharpnessAwareModule.optimizer_step needs Lightning's closure")
+        model = self.trainer.strategy.model
+        no_sync = (
+            model.no_sync()
+            if isinstance(model, DistributedDataParallel)
+            else contextlib.nullcontext()
+        )
+        self._samkit_window_end = True
+        try:
+            with no_sync:
+                optimizer_closure()
+        finally:
+            self._samkit_window_end = False
+
+    def on_train_epoch_start(self) -> None:
+        """Tell the optimizer the epoch (SSE-SAM switches stage by it)."""
+        opt = self.optimizers()
+        if not isinstance(opt, list):
+            unwrap(opt).set_epoch(self.current_epoch)
+

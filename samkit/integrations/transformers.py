@@ -1,0 +1,146 @@
+"""Hugging Face transformers: a Trainer that trains with any samkit method.
+
+    trainer = SharpnessAwareTrainer(model=model, args=TrainingArguments(...), train_dataset=ds,
+                                    method="focalsam", method_kwargs={"class_counts": counts})
+    trainer.train()
+
+The Trainer's loop is kept (accumulation, schedulers, logging, checkpoints, callbacks); only the step
+changes. ``training_step`` records each micro-batch of an accumulation window; at the window's last one
+samkit steps once on all of them as micro-batches, so ``gradient_accumulation_steps`` = N gives exactly
+samkit's step on the N micro-batches, for every method. The model is called as ``model(**inputs)``
+without the labels and must return logits (a tensor, a tuple starting with them, or an output with
+``.logits``); the labels are ``inputs[label_names[0]]`` (default ``"labels"``). The logged loss is the
+clean pass's mean loss; ``max_grad_norm`` clips the final gradient just before the base step, and the
+logged ``grad_norm`` is its norm before clipping. The optimizer is samkit's `method` over the Trainer's
+usual parameter groups (no weight decay on biases and normalization weights) with AdamW as the base
+(``args.learning_rate``, ``weight_decay``, ``adam_beta1``, ``adam_beta2``, ``adam_epsilon``), unless
+``base`` (a torch optimizer class) or ``optimizers=(samkit_optimizer, scheduler)`` is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from transformers import Trainer
+
+import samkit.optim as so
+from samkit.integrations._common import before_base_step, clip_grad_norm, unwrap
+
+
+class SharpnessAwareTrainer(Trainer):
+    """A ``transformers.Trainer`` whose step is samkit's `method` (see the module docstring).
+
+    Args:
+        method: a name of ``samkit.optim.available()`` (default ``"sam"``).
+        method_kwargs: the method's own arguments (``rho``, ``class_counts``, ``head``, ...).
+        base: the base torch optimizer class (default ``torch.optim.AdamW``, as the Trainer's).
+        *args, **kwargs: as for ``transformers.Trainer``.
+    """
+
+    def __init__(self, *args: Any, method: str = "sam", method_kwargs: dict[str, Any] | None = None,
+                 base: Callable[..., torch.optim.Optimizer] | None = None, **kwargs: Any) -> None:
+        so.get(method)  # an unknown name fails here, listing the valid ones
+        self.samkit_method = method
+        self.samkit_kwargs = dict(method_kwargs or {})
+        self.samkit_base = base
+        self._samkit_pending: list[dict[str, Any]] = []
+        self._samkit_stepped = False
+        self._samkit_grad_norm: Tensor | None = None
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            model = self.model if model is None else model
+            decay = set(self.get_decay_parameter_names(model))
+            trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            groups = [
+                {"params": [p for n, p in trainable if n in decay],
+                 "weight_decay": self.args.weight_decay},
+                {"params": [p for n, p in trainable if n not in decay], "weight_decay": 0.0},
+            ]
+            groups = [g for g in groups if g["params"]]
+            if self.samkit_base is None:
+                base: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW
+                base_kwargs = {"betas": (self.args.adam_beta1, self.args.adam_beta2),
+                               "eps": self.args.adam_epsilon}
+            else:
+                base, base_kwargs = self.samkit_base, {}
+            self.optimizer = so.create(self.samkit_method, groups, base=base,
+                                       lr=self.args.learning_rate, **base_kwargs,
+                                       **self.samkit_kwargs)
+        opt = unwrap(self.optimizer)
+        if not getattr(opt, "_samkit_trainer", False):
+            step = opt.step
+
+            def completed_step(closure: Any = None, labels: Any = None) -> Any:
+                # the Trainer's optimizer.step() after a window: samkit stepped in training_step
+                if closure is not None:
+                    return step(closure, labels)
+                if not self._samkit_stepped:
+                    raise RuntimeError(
+                        "SharpnessAwareTrainer steps in training_step, at the end of each "
+                        "accumulation window; optimizer.step() came without one"
+                    )
+                self._samkit_stepped = False
+                return None
+
+            opt.step = completed_step  # an instance attribute, as torch's LR schedulers set too
+            opt._samkit_trainer = True
+        return self.optimizer
+
+    def _samkit_logits(self, model: nn.Module, inputs: dict[str, Any], label: str) -> Tensor:
+        out = model(**{k: v for k, v in inputs.items() if k != label})
+        if isinstance(out, Tensor):
+            return out
+        logits = getattr(out, "logits", None)
+        if logits is None and isinstance(out, (tuple, list)):
+            logits = out[0]
+        if not isinstance(logits, Tensor):
+            raise TypeError(
+                f"the model returned {type(out).__name__}: SharpnessAwareTrainer needs logits "
+                "(a tensor, a tuple starting with them, or an output with .logits)"
+            )
+        return logits
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any],
+                      num_items_in_batch: Any = None) -> Tensor:
+        """Record the micro-batch; at the window's end, take samkit's step on the window and return
+        its clean mean loss (zero before, so the Trainer's summed loss is the window's)."""
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        label = (self.label_names or ["labels"])[0]
+        if label not in inputs:
+            raise ValueError(
+                f"SharpnessAwareTrainer needs the labels in each batch under {label!r} (the "
+                f"Trainer's label_names); got keys {sorted(inputs)}"
+            )
+        self._samkit_pending.append(inputs)
+        if not self.accelerator.sync_gradients:
+            return torch.zeros((), device=self.args.device)
+        pending, self._samkit_pending = self._samkit_pending, []
+        opt = unwrap(self.optimizer)
+        opt.set_epoch(int(self.state.epoch or 0))
+        if isinstance(model, DistributedDataParallel):
+            opt.model = model
+        closures = [lambda i=i: self._samkit_logits(model, i, label) for i in pending]
+        labels = [i[label] for i in pending]
+        self._samkit_grad_norm = None
+
+        def clip() -> None:
+            self._samkit_grad_norm = clip_grad_norm(opt, self.args.max_grad_norm)
+
+        if self.args.max_grad_norm and self.args.max_grad_norm > 0:
+            with before_base_step(opt, clip):
+                out = opt.step(closures, labels)
+        else:
+            out = opt.step(closures, labels)
+        self._samkit_stepped = True
+        return out.loss.detach()
+
+    def _clip_grad_norm(self, model: nn.Module) -> Tensor | None:
+        """The final gradient was clipped before the base step: report its norm before clipping."""
+        return self._samkit_grad_norm

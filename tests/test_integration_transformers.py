@@ -1,0 +1,143 @@
+"""transformers: SharpnessAwareTrainer gives samkit's own step on the same micro-batches for every
+method, with gradient accumulation, logs the clean loss and clips the final gradient (issue 13)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+from integration_helpers import (
+    METHODS,
+    assert_same_weights,
+    make_optimizer,
+    method_kwargs,
+    reference_run,
+    tiny_data,
+    tiny_model,
+)
+
+from samkit.integrations.transformers import SharpnessAwareTrainer
+
+
+class Net(torch.nn.Module):
+    """The tiny MLP behind the Trainer's calling convention: model(x=...) -> logits."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.mlp = mlp
+        self.head = mlp.head
+
+    def forward(self, x, labels=None):
+        return self.mlp(x)
+
+
+class Recording(SharpnessAwareTrainer):
+    """Records the micro-batches the Trainer hands over, in order, to replay them in the reference."""
+
+    seen: list
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.seen.append((inputs["x"].clone(), inputs["labels"].clone()))
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+def dataset(n=32):
+    x, y = tiny_data(n)
+    return [{"x": xi, "labels": yi} for xi, yi in zip(x, y)]
+
+
+def args(tmp_path, **kwargs):
+    defaults = dict(output_dir=str(tmp_path), per_device_train_batch_size=8,
+                    gradient_accumulation_steps=2, num_train_epochs=1, learning_rate=0.01,
+                    weight_decay=0.0, lr_scheduler_type="constant", max_grad_norm=0.0,
+                    use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
+                    disable_tqdm=True, remove_unused_columns=False, seed=0)
+    return transformers.TrainingArguments(**{**defaults, **kwargs})
+
+
+ADAMW = dict(base=torch.optim.AdamW, lr=0.01, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
+
+
+def train(tmp_path, method, **kwargs):
+    mlp = tiny_model()
+    ref = copy.deepcopy(mlp)
+    trainer = Recording(model=Net(mlp), args=args(tmp_path, **kwargs), train_dataset=dataset(),
+                        method=method, method_kwargs=method_kwargs(method, mlp))
+    trainer.seen = []
+    trainer.train()
+    k = trainer.args.gradient_accumulation_steps
+    windows = [trainer.seen[i:i + k] for i in range(0, len(trainer.seen), k)]
+    return trainer, mlp, ref, windows
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_accumulation_equals_samkit_step(tmp_path, method):
+    trainer, mlp, ref, windows = train(tmp_path, method)
+    assert trainer.state.global_step == 2 and len(windows) == 2
+    reference_run(method, ref, windows, **ADAMW)
+    assert_same_weights(mlp, ref)
+
+
+def test_logged_loss_is_the_clean_loss_and_clipping_acts_on_the_final_gradient(tmp_path):
+    trainer, mlp, ref, windows = train(tmp_path, "focalsam", max_grad_norm=0.05)
+    first = trainer.state.log_history[0]
+    x = torch.cat([xb for xb, _ in windows[0]])
+    y = torch.cat([yb for _, yb in windows[0]])
+    clean = torch.nn.functional.cross_entropy(ref(x), y).item()
+    assert first["loss"] == pytest.approx(clean, rel=1e-6)
+    assert first["grad_norm"] > 0.05  # the norm before clipping
+    opt = make_optimizer("focalsam", ref, **ADAMW)
+
+    def clip(*_):
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+
+    opt.base.register_step_pre_hook(clip)
+    for window in windows:
+        opt.step([lambda xb=xb: ref(xb) for xb, _ in window], [yb for _, yb in window])
+    assert_same_weights(mlp, ref)
+
+
+def test_a_samkit_optimizer_given_whole_is_used(tmp_path):
+    mlp = tiny_model()
+    ref = copy.deepcopy(mlp)
+    opt = make_optimizer("imbsam", mlp)  # SGD with momentum as the base
+    trainer = Recording(model=Net(mlp), args=args(tmp_path), train_dataset=dataset(),
+                        optimizers=(opt, None))
+    trainer.seen = []
+    trainer.train()
+    windows = [trainer.seen[i:i + 2] for i in range(0, len(trainer.seen), 2)]
+    reference_run("imbsam", ref, windows)
+    assert_same_weights(mlp, ref)
+
+
+def test_a_plain_torch_optimizer_is_refused(tmp_path):
+    mlp = tiny_model()
+    trainer = SharpnessAwareTrainer(
+        model=Net(mlp), args=args(tmp_path), train_dataset=dataset(),
+        optimizers=(torch.optim.SGD(mlp.parameters(), lr=0.1), None))
+    with pytest.raises(TypeError, match="expected a samkit optimizer"):
+        trainer.train()
+
+
+def test_bf16_runs_every_pass_under_autocast(tmp_path):
+    x, y = tiny_data(16, dtype=torch.float32)
+    mlp = tiny_model(dtype=torch.float32)
+    ref = copy.deepcopy(mlp)
+    data = [{"x": xi, "labels": yi} for xi, yi in zip(x, y)]
+    trainer = Recording(model=Net(mlp), args=args(tmp_path, bf16=True, max_steps=1,
+                                                  per_device_train_batch_size=16,
+                                                  gradient_accumulation_steps=1),
+                        train_dataset=data, method="focalsam", base=torch.optim.SGD,
+                        method_kwargs=method_kwargs("focalsam", mlp))
+    trainer.seen = []
+    trainer.train()
+    (xb, yb), = trainer.seen
+    opt = make_optimizer("focalsam", ref, lr=0.01)  # SGD: the base given to the Trainer
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        opt.step(lambda: ref(xb), yb)
+    assert_same_weights(mlp, ref, atol=1e-7)
+    fp32 = tiny_model(dtype=torch.float32)  # and bf16 mattered: a float32 step lands elsewhere
+    make_optimizer("focalsam", fp32, lr=0.01).step(lambda: fp32(xb), yb)
+    assert not torch.allclose(fp32.body[0].weight, mlp.body[0].weight, rtol=0, atol=1e-7)
