@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
+
+from samkit.train.checkpoint import read_json, read_jsonl
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -15,7 +16,7 @@ GROUP_COLOURS = {"many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
 
 def plot_per_class(run_dir: str | Path, out: str | Path) -> None:
     """Per-class test accuracy (last epoch) against the class's training count, log scale."""
-    summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    summary = read_json(Path(run_dir) / "summary.json")
     counts, acc, groups = summary["counts"], summary["per_class"], summary["groups"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for group, colour in GROUP_COLOURS.items():
@@ -38,8 +39,7 @@ def plot_per_class(run_dir: str | Path, out: str | Path) -> None:
 
 def plot_curves(run_dir: str | Path, out: str | Path) -> None:
     """Training loss and test accuracy (overall, many, medium, few) per epoch."""
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines if line.strip()]
+    records = read_jsonl(Path(run_dir) / "metrics.jsonl")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     epochs = [r["epoch"] + 1 for r in records]
     ax1.plot(epochs, [r["train_loss"] for r in records], marker="o")

@@ -13,6 +13,8 @@ from typing import Any
 
 import matplotlib
 
+from samkit.train.checkpoint import read_json, read_jsonl
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -76,7 +78,7 @@ def load_runs(run_dirs: list[str | Path]) -> list[Row]:
         path = run_dir / "summary.json"
         if not path.exists():
             raise FileNotFoundError(f"{run_dir} has no summary.json: it is not a finished run")
-        s = json.loads(path.read_text())
+        s = read_json(path)
         label = s.get("label") or s["method"]
         row = rows.setdefault(label, Row(label, s["method"]))
         if row.counts and (row.counts != s["counts"] or row.thresholds != s["thresholds"]):
@@ -92,9 +94,9 @@ def load_runs(run_dirs: list[str | Path]) -> list[Row]:
         row.peak_memory_mb.append(s.get("peak_memory_mb", math.nan))
         row.train_time_s.append(s["train_time_s"])
         row.per_class.append([math.nan if a is None else a for a in s["per_class"]])
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-        records = [json.loads(x) for x in lines if x.strip()]
-        row.curves.append([(r["epoch"] + 1, r["overall"]) for r in records if "overall" in r])
+        records = read_jsonl(run_dir / "metrics.jsonl")
+        row.curves.append([(r["epoch"] + 1, r["overall"]) for r in records
+                           if r.get("overall") is not None])
         for key, value in sharpness_of(run_dir, s["groups"]).items():
             row.sharpness[key].append(value)
     return list(rows.values())
