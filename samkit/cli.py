@@ -63,6 +63,8 @@ def _train(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError) as err:
+        if isinstance(err, OSError) and err.errno:
+            raise  # a path the system refused: main() names it and the fix
         print(f"error: {err}", file=sys.stderr)
         return 2
     if trainer.rank != 0:  # under torchrun, rank 0 reports
@@ -293,14 +295,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("error: interrupted; nothing is lost: run the command again (samkit train with "
+              "--resume) to continue", file=sys.stderr)
         return 130
     except OSError as err:
         print(f"error: {_one_line(err)}; check the path, its permissions and the free space",
               file=sys.stderr)
         return 1
     except ImportError as err:
-        print(f"error: {_one_line(err)}; install the missing package", file=sys.stderr)
+        hint = "" if "install" in str(err) else "; install the missing package"
+        print(f"error: {_one_line(err)}{hint}", file=sys.stderr)
         return 1
     except Exception as err:
         if os.environ.get("SAMKIT_TRACEBACK"):

@@ -345,3 +345,138 @@ def test_resume_with_more_epochs_continues_a_finished_run(tmp_path: Path,
     assert read_json(tmp_path / "r/summary.json")["epochs"] == 3
     with pytest.raises(ValueError, match="has 3 epochs; schedule.epochs=2 cannot undo them"):
         train(tmp_path, tiny_fmnist, resume=True)
+
+
+# ---- 10, 14: every ordinary mistake is one line -----------------------------------------------------
+
+
+def _files(tmp_path: Path) -> dict[str, str]:
+    """Recipes and compare recipes with the mistakes users make, by name (without .yaml)."""
+    texts: dict[str, bytes] = {
+        "list.yaml": b"- a\n- b\n", "scalar.yaml": b"42\n", "latin1.yaml": b"run:\n  name: \xe9\n",
+        "cmp_yaml.yaml": b"methods: {sam: [\n", "cmp_base.yaml": b"base: nope.yaml\nmethods: {sam: {}}\n",
+    }
+    for name, data in texts.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "folder").mkdir()
+    return {name.removesuffix(".yaml"): str(tmp_path / name) for name in [*texts, "folder"]}
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "{list}"], "recipe {list} is a YAML list, not a mapping of sections"),
+    (["train", "{scalar}"], "recipe {scalar} is a YAML int, not a mapping"),
+    (["train", "{latin1}"], "recipe {latin1} is not UTF-8 text; save it as UTF-8"),
+    (["train", "{folder}"], "recipe {folder} is a directory; give the path of a YAML recipe"),
+    (["train", "loss.kwargs.foo=1"], "loss.kwargs does not fit loss ce (CrossEntropy"),
+    (["train", "run.device=tpu"], "run.device=tpu is not a device; use auto, cpu, cuda"),
+    (["train", "run.compile=bogus"], "run.compile=bogus is not a torch.compile backend; use true"),
+    (["train", "model.name=harness_models:cifar_only"], "model.name=harness_models:cifar_only "
+     "does not fit the data ((1, 28, 28) images): mat1 and mat2 shapes cannot be multiplied"),
+    (["train", "data.subsample_seed=-1"], "data.subsample_seed must be >= 0; got -1"),
+    (["train", "run.out=/proc/samkit"], "check the path, its permissions and the free space"),
+    (["compare", "{cmp_yaml}"], "compare recipe {cmp_yaml} is not valid UTF-8 YAML ("),
+    (["compare", "{cmp_base}"], "the compare recipe's base: {tmp}/nope.yaml does not exist"),
+    (["compare", "{cmp_base}", "--seeds", "a,b"], "--seeds a,b: give comma-separated "
+     "integers"),
+])
+def test_cli_mistakes_are_one_line(tmp_path: Path, tiny_fmnist: Path,
+                                   capsys: pytest.CaptureFixture, argv: list[str],
+                                   message: str) -> None:
+    files = {**_files(tmp_path), "tmp": str(tmp_path)}
+    argv = [a.format(**files) for a in argv]
+    if argv[0] == "train":
+        argv = ["train", "--quiet", *argv[1:],
+                *[a for a in recipe(tmp_path / "runs", tiny_fmnist) if a.split("=")[0] not in
+                  {a.split("=")[0] for a in argv[1:]}]]
+    code, err = run_cli(capsys, *argv)
+    assert code != 0 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert message.format(**files) in err
+    assert not (tmp_path / "runs/r").exists()  # no half-made run directory blocks the retry
+
+
+def test_a_failure_in_the_first_epoch_leaves_no_run_directory(tmp_path: Path,
+                                                              tiny_fmnist: Path) -> None:
+    def crash(trainer: Trainer, epoch: int, step: int) -> None:
+        raise ValueError("a step failed")
+
+    with pytest.raises(ValueError, match="a step failed"):
+        train(tmp_path, tiny_fmnist, on_step=crash)
+    assert not (tmp_path / "r").exists()
+    train(tmp_path, tiny_fmnist)  # the same command, without --resume
+
+
+def test_a_second_sigint_while_the_checkpoint_is_written_does_not_break_it(
+        tmp_path: Path, tiny_fmnist: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import samkit.train.loop as loop
+
+    real = loop.save_checkpoint
+
+    def save_while_interrupted(path: Path, state: dict) -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C again
+        real(path, state)
+
+    def first(trainer: Trainer, epoch: int, step: int) -> None:
+        if (epoch, step) == (0, 2):
+            monkeypatch.setattr(loop, "save_checkpoint", save_while_interrupted)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted):
+        train(tmp_path, tiny_fmnist, on_step=first)
+    assert load_checkpoint(tmp_path / "r/checkpoint.pt")["progress"]["step"] == 2
+
+
+def test_cli_overrides_after_flags_and_resume_with_an_override(
+        tmp_path: Path, tiny_fmnist: Path, capsys: pytest.CaptureFixture) -> None:
+    args = recipe(tmp_path, tiny_fmnist)
+    with pytest.raises(Interrupted):
+        train(tmp_path, tiny_fmnist, on_step=sigint_at((0, 1)))
+    # `--resume run.out=X`: the override is not taken for the run directory; and an override
+    # after a flag is still an override
+    out = f"run.out={tmp_path}"
+    rest = [a for a in args if a != out]
+    assert run_cli(capsys, "train", "--resume", out, *rest[:3], "--quiet", *rest[3:])[0] == 0
+    assert epochs_logged(tmp_path / "r") == [0, 1]
+    summary = tmp_path / "r/summary.json"
+    mode = 0o666 & ~_umask()
+    for name in ("summary.json", "checkpoint.pt", "best.pt", "config.yaml", "metrics.jsonl"):
+        assert (tmp_path / "r" / name).stat().st_mode & 0o777 == mode, name
+    summary.write_text("{not json")
+    code, err = run_cli(capsys, "report", str(tmp_path / "r"), "--out", str(tmp_path / "rep"))
+    assert code != 0 and f"{summary} is damaged" in err
+    summary.unlink()
+    (tmp_path / "r/metrics.jsonl").write_text('{"epoch": 0}\n{"epo\n')
+    code, err = run_cli(capsys, "train", "--quiet", "--resume", *args)
+    assert code != 0 and f"{tmp_path / 'r/metrics.jsonl'} line 2 is damaged" in err
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# ---- 11: torchrun's cleanup does not hide the real error -------------------------------------------
+
+
+def test_leaving_the_process_group_after_a_setup_failure(tmp_path: Path) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    trainer = Trainer(load_config(None, ["run.device=cpu"]), progress=False)
+    trainer._leave_group()  # no model was made: no AttributeError
+    assert not dist.is_initialized()
+
+
+# ---- 13: overriding the method drops the default method's settings --------------------------------
+
+
+def test_overriding_the_method_drops_its_settings_and_renames_the_run() -> None:
+    c = load_config(None, ["optim.method=imbsam", "optim.kwargs.eta=200"])
+    assert c.optim.kwargs == {"eta": 200} and c.run.name == "fmnist-lt100-imbsam"
+    c = load_config(None, ["optim.method=sam", "run.name=mine"])
+    assert c.optim.kwargs == {} and c.run.name == "mine"
+    c = load_config(None, ["optim.method=focalsam", "optim.kwargs.rho=0.2"])
+    assert c.optim.kwargs == {"rho": 0.2, "gamma": 2.0, "lam": 0.8}
+    c = load_config(None, ["loss.name=ldam", "loss.kwargs.max_m=0.3"])
+    assert c.loss.kwargs == {"max_m": 0.3}

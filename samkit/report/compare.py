@@ -54,12 +54,12 @@ def _read(path: Path, what: str) -> dict[str, Any]:
     try:
         tree = read_yaml(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{what} {path} is not valid UTF-8 YAML: "
-                          f"{str(err).splitlines()[0]}; fix the file") from None
+        raise ConfigError(f"{what} {path} is not valid UTF-8 YAML "
+                          f"({' '.join(str(err).split())}); fix the file") from None
     if tree is None:
         return {}
     if not isinstance(tree, dict):
-        raise ConfigError(f"{what} {path} holds a {type(tree).__name__}, not a mapping")
+        raise ConfigError(f"{what} {path} is a YAML {type(tree).__name__}, not a mapping")
     return tree
 
 

@@ -250,11 +250,12 @@ def _read_recipe(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise ConfigError(f"recipe {path} is not UTF-8 text; save it as UTF-8 YAML") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"recipe {path} is not valid YAML: {err}") from None
+        raise ConfigError(f"recipe {path} is not valid YAML ({' '.join(str(err).split())}); "
+                          "fix the file") from None
     if tree is None:
         return {}
     if not isinstance(tree, dict):
-        raise ConfigError(f"recipe {path} holds a {type(tree).__name__}, not a mapping of "
+        raise ConfigError(f"recipe {path} is a YAML {type(tree).__name__}, not a mapping of "
                           "sections (data, model, loss, optim, schedule, run)")
     return tree
 
