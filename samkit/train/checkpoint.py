@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,10 +38,11 @@ def _umask_mode() -> int:
 
 
 def _pause(path: Path) -> None:
-    """Testing hook: with SAMKIT_SLOW_WRITES=seconds, every write of a checkpoint pauses halfway,
-    so a fault-injection test can kill the process inside a write."""
+    """Testing hook: with SAMKIT_SLOW_WRITES=seconds, every write of a checkpoint says so on
+    stderr and pauses before its rename, so a fault-injection test can kill the process there."""
     delay = os.environ.get("SAMKIT_SLOW_WRITES")
     if delay and path.suffix == ".pt":
+        print(f"samkit: writing {path.name}", file=sys.stderr, flush=True)
         time.sleep(float(delay))
 
 

@@ -542,12 +542,16 @@ class Trainer:
             # no checkpoint yet: the run starts from scratch in its own directory
             (self.run_dir / BEST).unlink(missing_ok=True)
             self._trim_metrics()
+            self._write_run_files()  # a kill may have come before they were all written
             return None
         self._own_dir = True
-        self._write_recipe()
+        self._write_run_files()
+        self._write_recipe()  # last: a directory with config.yaml holds the other files
+        return None
+
+    def _write_run_files(self) -> None:
         write_json(self.run_dir / "env.json", environment(self.device, self.world))
         write_json(self.run_dir / "split.json", self.data.split)
-        return None
 
     def _write_recipe(self) -> None:
         text = yaml.safe_dump(self.config.to_dict(), sort_keys=False)
@@ -605,6 +609,8 @@ class Trainer:
             finished = self._prepare_run_dir()
             if finished is not None:
                 self.log(f"{self.run_dir} is finished already")
+                if self.rank == 0 and not (self.run_dir / "plots" / "curves.png").exists():
+                    self._plot()  # a kill came between the summary and the plots
                 return finished
             epochs = self.config.schedule.epochs
             with _stop_on_signals() as flag:
@@ -787,6 +793,14 @@ class Trainer:
                 "ece": _num(expected_calibration_error(z, y, bins=15)),
                 "per_class": [_num(v) for v in per_class.tolist()]}
 
+    def _plot(self) -> None:
+        try:
+            from samkit.report.plots import plot_run
+
+            plot_run(self.run_dir)
+        except Exception as err:  # a plot must never cost a finished run
+            self.log(f"warning: plots not written ({err})")
+
     def _failure(self, what: str) -> TrainingError:
         """The error that stops a run going non-finite, with advice that can be followed."""
         lr = self.config.optim.lr
@@ -826,12 +840,7 @@ class Trainer:
             "note": "'last' is the final epoch; 'best' is the best test epoch (optimistic).",
         }
         write_json(self.run_dir / SUMMARY, summary)
-        try:
-            from samkit.report.plots import plot_run
-
-            plot_run(self.run_dir)
-        except Exception as err:  # a plot must never cost a finished run
-            self.log(f"warning: plots not written ({err})")
+        self._plot()
         if self.world > 1:
             dist.broadcast_object_list([summary], src=0)
         return summary
