@@ -405,6 +405,20 @@ def test_a_failure_in_the_first_epoch_leaves_no_run_directory(tmp_path: Path,
     train(tmp_path, tiny_fmnist)  # the same command, without --resume
 
 
+def test_ctrl_c_during_start_up_is_one_line_and_leaves_nothing(
+        tmp_path: Path, tiny_fmnist: Path, capsys: pytest.CaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import samkit.train.loop as loop
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop.Trainer, "_write_recipe", ctrl_c)  # inside the new run directory
+    code, err = run_cli(capsys, "train", "--quiet", *recipe(tmp_path, tiny_fmnist))
+    assert code == 130 and err.startswith("error: interrupted; nothing is lost")
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+
+
 def test_a_second_sigint_while_the_checkpoint_is_written_does_not_break_it(
         tmp_path: Path, tiny_fmnist: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import samkit.train.loop as loop
