@@ -685,9 +685,10 @@ class Trainer:
         counted = torch.tensor(st["counted"], dtype=torch.int64, device=self.device)
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
                     if self.autocast_dtype is not None else contextlib.nullcontext())
-        # normalisation running statistics: restored after a step that is skipped or that
-        # leaves them non-finite (the forward passes fold a bad batch into them either way)
-        stats = [b for b in self.model.buffers() if b.is_floating_point()]
+        # normalisation running statistics (and their batch counts): restored after a step that
+        # is skipped or that leaves them non-finite (the forward passes fold a bad batch into
+        # them either way)
+        stats = list(self.model.buffers())
         for x, y in self.loader:
             before = [b.clone() for b in stats]
             t = epoch + st["step"] / steps
@@ -754,10 +755,12 @@ class Trainer:
         if not _all_finite([*self.model.parameters(), *self.model.buffers()]):
             raise self._failure(f"the model's weights or normalisation statistics are not "
                                 f"finite after epoch {epoch + 1}")
-        if self.rank == 0 and (last or (epoch + 1) % c.run.eval_every == 0):
+        evaluated = self.rank == 0 and (last or (epoch + 1) % c.run.eval_every == 0)
+        if evaluated:
             record.update(self.evaluate())
-            if record["test_loss"] is None:
-                raise self._failure(f"the evaluation after epoch {epoch + 1} is not finite")
+        if self._agree(evaluated and record["test_loss"] is None):  # every process stops
+            raise self._failure(f"the evaluation after epoch {epoch + 1} is not finite")
+        if evaluated:
             best = st["best"]
             if best is None or record["overall"] > best["overall"]:
                 st["best"] = {k: record[k] for k in ("epoch", "overall", "many", "medium", "few")}
