@@ -419,6 +419,26 @@ def test_ctrl_c_during_start_up_is_one_line_and_leaves_nothing(
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
 
 
+def test_ctrl_c_during_the_final_plots_keeps_the_run_and_resume_draws_them(
+        tmp_path: Path, tiny_fmnist: Path, capsys: pytest.CaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import samkit.report.plots as plots
+
+    real = plots.plot_run
+
+    def ctrl_c(run_dir: Path) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plots, "plot_run", ctrl_c)
+    args = recipe(tmp_path, tiny_fmnist)
+    code, err = run_cli(capsys, "train", "--quiet", *args)
+    assert code == 130 and len(err.strip().splitlines()) == 1 and "--resume" in err
+    assert (tmp_path / "r/summary.json").exists() and not (tmp_path / "r/plots").exists()
+    monkeypatch.setattr(plots, "plot_run", real)
+    assert run_cli(capsys, "train", "--quiet", "--resume", *args)[0] == 0
+    assert (tmp_path / "r/plots/curves.png").is_file()
+
+
 def test_a_second_sigint_while_the_checkpoint_is_written_does_not_break_it(
         tmp_path: Path, tiny_fmnist: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import samkit.train.loop as loop
