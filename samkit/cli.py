@@ -295,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("error: interrupted; nothing is lost: run the command again (samkit train with "
-              "--resume) to continue", file=sys.stderr)
+        print("error: interrupted; nothing is lost: run the command again (with --resume for "
+              "samkit train) to continue", file=sys.stderr)
         return 130
     except OSError as err:
         print(f"error: {_one_line(err)}; check the path, its permissions and the free space",
