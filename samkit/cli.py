@@ -37,6 +37,8 @@ def _train(args: argparse.Namespace) -> int:
     recipe, overrides = args.recipe, list(args.overrides)
     if recipe is not None and "=" in recipe and not Path(recipe).exists():
         recipe, overrides = None, [recipe, *overrides]
+    if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
+        overrides, args.resume = [args.resume, *overrides], True  # `--resume key=value`
     resume = args.resume is not None
     if isinstance(args.resume, str):
         run_dir = Path(args.resume)
@@ -69,6 +71,8 @@ def _train(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError) as err:
+        if isinstance(err, OSError) and err.errno:
+            raise  # a path the system refused: main() names it and the fix
         print(f"error: {err}", file=sys.stderr)
         return 2
     if trainer.rank != 0:  # under torchrun, rank 0 reports
@@ -84,7 +88,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _ints(text: str | None) -> list[int] | None:
-    return None if text is None else [int(v) for v in text.split(",")]
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds {text}: give comma-separated integers, e.g. --seeds 0,1,2"
+                         ) from None
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -291,9 +301,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    """An exception as one line; an OSError keeps its file and reason."""
+    if isinstance(err, OSError) and err.strerror:
+        where = f"{err.filename}: " if err.filename else ""
+        return f"{where}{err.strerror}"
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    """Run a command; every failure ends in one `error:` line and a non-zero exit (set
+    SAMKIT_TRACEBACK=1 to see the traceback of an unexpected one)."""
+    import os
+
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value after a flag (`recipe.yaml a=b --quiet c=d`) is still an override
+        if hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing is lost: run the command again (with --resume for "
+              "samkit train) to continue", file=sys.stderr)
+        return 130
+    except OSError as err:
+        print(f"error: {_one_line(err)}; check the path, its permissions and the free space",
+              file=sys.stderr)
+        return 1
+    except ImportError as err:
+        hint = "" if "install" in str(err) else "; install the missing package"
+        print(f"error: {_one_line(err)}{hint}", file=sys.stderr)
+        return 1
+    except Exception as err:
+        if os.environ.get("SAMKIT_TRACEBACK"):
+            raise
+        print(f"error: {type(err).__name__}: {_one_line(err)} (SAMKIT_TRACEBACK=1 shows where)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from samkit.train.config import Config, ConfigError, _merge, _set, load_config, read_yaml
 
 COMPARE_KEYS = {"base", "out", "seeds", "methods"}
@@ -45,6 +47,22 @@ def _short(key: str) -> str:
     return key.split(".")[-1]
 
 
+def _read(path: Path, what: str) -> dict[str, Any]:
+    """A YAML mapping from `path`, or a ConfigError naming the file and the fix."""
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist; give the path of a YAML file")
+    try:
+        tree = read_yaml(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{what} {path} is not valid UTF-8 YAML "
+                          f"({' '.join(str(err).split())}); fix the file") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{what} {path} is a YAML {type(tree).__name__}, not a mapping")
+    return tree
+
+
 def expand(spec: dict[str, Any] | str | Path, overrides: list[str] | None = None,
            seeds: list[int] | None = None, only: list[str] | None = None) -> list[PlannedRun]:
     """The runs a compare recipe asks for, seed by seed (each seed: every method and grid point).
@@ -54,9 +72,7 @@ def expand(spec: dict[str, Any] | str | Path, overrides: list[str] | None = None
     """
     if not isinstance(spec, dict):
         path = Path(spec)
-        if not path.is_file():
-            raise ConfigError(f"compare recipe {path} does not exist")
-        spec = read_yaml(path.read_text()) or {}
+        spec = _read(path, "compare recipe")
         base_dir = path.parent
     else:
         base_dir = Path(".")
@@ -66,8 +82,10 @@ def expand(spec: dict[str, Any] | str | Path, overrides: list[str] | None = None
                           f"{', '.join(sorted(COMPARE_KEYS))}")
     base = spec.get("base", {})
     if isinstance(base, str):
-        base_path = Path(base) if Path(base).is_absolute() else base_dir / base
-        base = read_yaml(base_path.read_text()) or {}
+        base = _read(Path(base) if Path(base).is_absolute() else base_dir / base,
+                     "the compare recipe's base:")
+    if not isinstance(base, dict):
+        raise ConfigError(f"base must be a training recipe (a mapping) or its path; got {base!r}")
     methods = spec.get("methods")
     if not isinstance(methods, dict) or not methods:
         raise ConfigError("the compare recipe needs methods: a mapping label -> overrides")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -11,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from samkit.report.axes import log_count_axis  # noqa: E402
-from samkit.train.records import read_metrics  # noqa: E402
+from samkit.train.records import read_json, read_metrics  # noqa: E402
 
 GROUP_COLOURS = {"many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
 
@@ -19,7 +18,7 @@ GROUP_COLOURS = {"many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
 def plot_per_class(run_dir: str | Path, out: str | Path) -> None:
     """Per-class test accuracy (last epoch) against the class's training count, log scale, each
     class labelled by name; groups with no class are left out of the legend."""
-    summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    summary = read_json(Path(run_dir) / "summary.json")
     counts, acc, groups = summary["counts"], summary["per_class"], summary["groups"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for group, colour in GROUP_COLOURS.items():
@@ -46,7 +45,7 @@ def plot_curves(run_dir: str | Path, out: str | Path) -> None:
     """Training loss and test accuracy (overall, many, medium, few) per epoch, from 1."""
     records = read_metrics(run_dir)
     summary_path = Path(run_dir) / "summary.json"
-    method = json.loads(summary_path.read_text())["method"] if summary_path.exists() else None
+    method = read_json(summary_path)["method"] if summary_path.exists() else None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax1.plot([r["epoch"] for r in records], [r["train_loss"] for r in records], marker="o")
     ax1.set_xlabel("epoch")

@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from samkit.report.axes import log_count_axis  # noqa: E402
-from samkit.train.records import read_metrics  # noqa: E402
+from samkit.train.records import read_json, read_metrics  # noqa: E402
 
 GROUPS = ("overall", "many", "medium", "few")
 
@@ -84,7 +84,7 @@ def load_runs(run_dirs: list[str | Path]) -> list[Row]:
         path = run_dir / "summary.json"
         if not path.exists():
             raise FileNotFoundError(f"{run_dir} has no summary.json: it is not a finished run")
-        s = json.loads(path.read_text())
+        s = read_json(path)
         label = s.get("label") or s["method"]
         row = rows.setdefault(label, Row(label, s["method"]))
         if row.counts and (row.counts != s["counts"] or row.thresholds != s["thresholds"]):
@@ -108,7 +108,7 @@ def load_runs(run_dirs: list[str | Path]) -> list[Row]:
         row.train_time_s.append(s["train_time_s"])
         row.per_class.append([math.nan if a is None else a for a in s["per_class"]])
         row.curves.append([(r["epoch"], r["overall"]) for r in read_metrics(run_dir)
-                           if "overall" in r])
+                           if r.get("overall") is not None])
         for key, value in sharpness_of(run_dir, s["groups"]).items():
             row.sharpness[key].append(value)
     return list(rows.values())

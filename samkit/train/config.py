@@ -238,6 +238,52 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _read_recipe(path: Path) -> dict[str, Any]:
+    """A YAML recipe file as a mapping, or a ConfigError naming the file and the fix."""
+    if path.is_dir():
+        hint = (f"; to continue the run in it use samkit train --resume {path}"
+                if (path / "config.yaml").is_file() else "")
+        raise ConfigError(f"recipe {path} is a directory; give the path of a YAML recipe{hint}")
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} does not exist; give the path of a YAML recipe")
+    try:
+        tree = read_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"recipe {path} is not UTF-8 text; save it as UTF-8 YAML") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"recipe {path} is not valid YAML ({' '.join(str(err).split())}); "
+                          "fix the file") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"recipe {path} is a YAML {type(tree).__name__}, not a mapping of "
+                          "sections (data, model, loss, optim, schedule, run)")
+    return tree
+
+
+def _switch_method(tree: dict[str, Any], extra: dict[str, Any]) -> None:
+    """When an override changes optim.method (or loss.name), the recipe's kwargs of the old
+    method are dropped, since they do not fit another one (dotted optim.kwargs.* overrides then
+    fill an empty mapping); a run name ending in the old method's name is renamed after the new
+    one, so `samkit train optim.method=sam` does not collide with the default run."""
+    for section, key in (("optim", "method"), ("loss", "name")):
+        new = extra.get(section, {}).get(key) if isinstance(extra.get(section), dict) else None
+        old_section = tree.get(section)
+        if new is None or not isinstance(old_section, dict):
+            continue
+        old = old_section.get(key, getattr(Config(), section).__dict__[key])
+        if new == old:
+            continue
+        if not isinstance(extra[section].get("kwargs"), _Whole):
+            old_section.pop("kwargs", None)
+        run = tree.get("run")
+        name = run.get("name") if isinstance(run, dict) else None
+        wanted = extra.get("run", {}).get("name") if isinstance(extra.get("run"), dict) else None
+        if (section == "optim" and wanted is None and isinstance(name, str)
+                and isinstance(old, str) and name.endswith(f"-{old}")):
+            run["name"] = f"{name[: -len(old)]}{new}"
+
+
 def load_config(recipe: str | Path | dict[str, Any] | None = None,
                 overrides: list[str] | None = None) -> Config:
     """The validated config of a recipe (a YAML path, a mapping, or None for the default recipe)
@@ -245,18 +291,13 @@ def load_config(recipe: str | Path | dict[str, Any] | None = None,
     extra = parse_overrides(overrides or [])
     if recipe is None:
         tree = copy.deepcopy(DEFAULT_RECIPE)
-        if "method" in extra.get("optim", {}) and "kwargs" not in extra["optim"]:
-            tree["optim"]["kwargs"] = {}  # Focal-SAM's settings do not fit another method
     elif isinstance(recipe, dict):
         tree = copy.deepcopy(recipe)
     else:
-        path = Path(recipe)
-        if not path.is_file():
-            raise ConfigError(f"recipe {path} does not exist; give the path of a YAML recipe")
-        try:
-            tree = read_yaml(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"recipe {path} is not valid YAML: {err}") from None
+        tree = _read_recipe(Path(recipe))
+    if not isinstance(tree, dict):
+        raise ConfigError(f"the recipe must be a mapping of sections; got {tree!r}")
+    _switch_method(tree, extra)
     tree = _merge(tree, extra)
     config = _build(Config, tree, "")
     validate(config)
@@ -277,6 +318,7 @@ def validate(config: Config) -> None:
     need(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, ">= 1")
     need(d.augment in ("crop-flip", "flip", "none"), "data.augment", d.augment,
          "crop-flip, flip or none")
+    need(d.subsample_seed >= 0, "data.subsample_seed", d.subsample_seed, ">= 0")
     need(d.crop_padding >= 0, "data.crop_padding", d.crop_padding, ">= 0")
     need(o.base in ("sgd", "adamw"), "optim.base", o.base, "sgd or adamw")
     need(o.lr >= 0, "optim.lr", o.lr, ">= 0")
@@ -290,6 +332,8 @@ def validate(config: Config) -> None:
     need(s.lr in ("cosine", "step", "constant"), "schedule.lr", s.lr, "cosine, step or constant")
     need(s.warmup_epochs >= 0, "schedule.warmup_epochs", s.warmup_epochs, ">= 0")
     need(0 < s.decay <= 1, "schedule.decay", s.decay, "in (0, 1]")
+    need(_plain_name(r.name), "run.name", r.name,
+         "a plain name (no '/', '\\' or leading '.'): the run directory is run.out/run.name")
     need(r.eval_every >= 1, "run.eval_every", r.eval_every, ">= 1")
     need(r.max_nonfinite >= 1, "run.max_nonfinite", r.max_nonfinite, ">= 1")
     need(r.max_steps_per_epoch is None or r.max_steps_per_epoch >= 1, "run.max_steps_per_epoch",
@@ -299,3 +343,51 @@ def validate(config: Config) -> None:
     need(r.amp in ("none", "bf16", "fp16"), "run.amp", r.amp, "none, bf16 or fp16")
     need(1 <= r.accumulate <= d.batch_size, "run.accumulate", r.accumulate,
          f">= 1 and <= data.batch_size ({d.batch_size})")
+
+
+def _plain_name(name: str) -> bool:
+    """Whether `name` is one path component that stays inside its folder."""
+    return bool(name) and "/" not in name and "\\" not in name and not name.startswith(".") \
+        and "\0" not in name
+
+
+# What `--resume` may change. Run settings and the schedule's length never change what was trained
+# so far; the learning rate and radius (and their schedules) may be lowered to get past a failure
+# (a non-finite stop). Every other key defines the run: changing it means a new run.
+RESUMABLE = ("run.out", "run.name", "run.label", "run.device", "run.threads", "run.deterministic",
+             "run.max_nonfinite", "run.eval_every", "run.compile", "run.channels_last",
+             "schedule.epochs")
+AFTER_FAILURE = ("optim.lr", "optim.rho_schedule", "optim.kwargs.rho", "schedule.lr",
+                 "schedule.warmup_epochs", "schedule.milestones", "schedule.decay")
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested recipe as {dotted key: value} (lists are values)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):  # an empty mapping adds no key
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_changes(saved: dict[str, Any], config: Config, *,
+                   after_failure: bool = False) -> list[dict[str, Any]]:
+    """The keys in which `config` differs from the `saved` recipe of a run, as
+    [{"key", "old", "new"}], if resuming may change them (see RESUMABLE, AFTER_FAILURE);
+    otherwise a ConfigError that lists every key that differs."""
+    old, new = flatten(saved), flatten(config.to_dict())
+    diffs = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    allowed = RESUMABLE + (AFTER_FAILURE if after_failure else ())
+    refused = [k for k in diffs if k not in allowed]
+    if refused:
+        shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in refused)
+        hint = (" (the learning rate and radius may change only after the run stopped on a "
+                "failure)" if all(k in AFTER_FAILURE for k in refused) else "")
+        raise ConfigError(
+            f"made with another recipe: {shown}{hint}; resume with the run's own recipe "
+            "(samkit train --resume RUN_DIR), or choose another run.name for a new run"
+        )
+    return [{"key": k, "old": old.get(k), "new": new.get(k)} for k in diffs
+            if k not in ("run.out", "run.name")]

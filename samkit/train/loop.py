@@ -4,7 +4,12 @@ A run directory holds the resolved recipe (config.yaml), the environment (env.js
 long-tailed split was made (split.json), metrics per epoch (metrics.jsonl), the final summary
 (summary.json), checkpoints written atomically (checkpoint.pt: the last one; best.pt: the weights of
 the best epoch) and plots (plots/*.png). A run stopped by SIGINT/SIGTERM saves where it stands and
-resumes exactly; repeated non-finite steps stop it without touching the last good checkpoint.
+resumes exactly; repeated non-finite steps, or a model whose weights, normalisation statistics or
+test logits are no longer finite, stop it without touching the last good checkpoint (stopped.json
+says why; a resume may then lower the learning rate or radius, and changes.jsonl records each
+change). A lock (.lock, released by the kernel when the process dies) keeps a second process out
+of a run directory; a run directory made by a call that fails before its first checkpoint is
+removed again, so the same command can simply be retried.
 
 Under torchrun (WORLD_SIZE > 1) every process builds the same split and the same global batches;
 each trains on its slice of every batch (data.batch_size is the global batch), the optimizer
@@ -14,10 +19,10 @@ averages gradients over processes, and rank 0 alone evaluates, logs and writes t
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gc
 import importlib
 import inspect
-import json
 import math
 import os
 import platform
@@ -53,14 +58,27 @@ from samkit.data import (
 )
 from samkit.losses import build_loss
 from samkit.models import build_model
-from samkit.train.checkpoint import load_checkpoint, save_checkpoint, write_json
-from samkit.train.config import Config
+from samkit.train.checkpoint import (
+    atomic_write,
+    json_text,
+    load_checkpoint,
+    read_json,
+    read_jsonl,
+    remove_stale_temporaries,
+    save_checkpoint,
+    write_json,
+)
+from samkit.train.config import Config, ConfigError, resume_changes
 from samkit.train.metrics import expected_calibration_error, group_accuracy, per_class_accuracy
 from samkit.train.progress import RunDisplay, is_terminal, say
 from samkit.train.records import read_metrics
 from samkit.train.schedules import lr_factor, rho_at
 
 CHECKPOINT, BEST, SUMMARY, METRICS = "checkpoint.pt", "best.pt", "summary.json", "metrics.jsonl"
+LOCK, STOPPED, CHANGES = ".lock", "stopped.json", "changes.jsonl"
+# the files a run writes; a run directory that a failed first call made holds only these
+RUN_FILES = ("config.yaml", "env.json", "split.json", METRICS, BEST, STOPPED, CHANGES, LOCK)
+CHECKPOINT_KEYS = ("model", "optimizer", "loader", "progress", "rng")
 
 
 class TrainingError(RuntimeError):
@@ -221,7 +239,11 @@ def resolve_device(name: str) -> torch.device:
     """run.device as a device; under torchrun, "auto" and "cuda" mean the process's own GPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"run.device={name} is not a device; use auto, cpu, cuda or cuda:N, "
+                         "mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"run.device={name} but CUDA is not available; use run.device=cpu")
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
@@ -251,13 +273,14 @@ def _world() -> tuple[int, int]:
 def _stop_on_signals() -> Iterator[dict[str, bool]]:
     """Turn the first SIGINT/SIGTERM into a flag the loop checks between steps; a second SIGINT
     interrupts at once."""
-    flag = {"stop": False}
+    flag = {"stop": False, "saving": False}
     if not _is_main_thread():
         yield flag
         return
 
     def handler(signum: int, frame: Any) -> None:
-        if flag["stop"] and signum == signal.SIGINT:
+        # a second SIGINT stops at once, except while a checkpoint is written
+        if flag["stop"] and signum == signal.SIGINT and not flag["saving"]:
             raise KeyboardInterrupt
         flag["stop"] = True
 
@@ -310,6 +333,10 @@ class Trainer:
         self.on_step = on_step
         self.run_dir = Path(config.run.out) / config.run.name
         self.rank, self.world = 0, 1
+        self.signals = {"stop": False, "saving": False}
+        self._lock_fd: int | None = None
+        self._own_dir = False  # this call may remove the run directory if it fails early
+        self._saved_epoch: int | None = None  # the epoch count of the checkpoint on disk
 
     def log(self, message: str) -> None:
         if self.verbose:
@@ -348,11 +375,16 @@ class Trainer:
         self.num_classes = train.num_classes
         in_channels = train.images.shape[1]
         self.model = make_model(c, self.num_classes, in_channels).to(self.device)
+        self._check_model_fits(train.images[:2])
         self.memory_format = torch.channels_last if c.run.channels_last else torch.preserve_format
         if c.run.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.loss_fn = build_loss(c.loss.name, class_counts=self.data.counts,
-                                  **c.loss.kwargs).to(self.device)
+        try:
+            self.loss_fn = build_loss(c.loss.name, class_counts=self.data.counts,
+                                      **c.loss.kwargs).to(self.device)
+        except TypeError as err:
+            raise ValueError(f"loss.kwargs does not fit loss {c.loss.name} ({err}); see "
+                             "samkit.losses.build_loss for its options") from None
         # what the steps call: the model, wrapped for several processes, compiled
         self.net: nn.Module = self.model
         if self.world > 1:
@@ -361,6 +393,11 @@ class Trainer:
         wrapped = self.net if self.world > 1 else None  # the optimizer runs it under no_sync()
         if c.run.compile:
             backend = "inductor" if c.run.compile is True else c.run.compile
+            known = [b for b in torch._dynamo.list_backends(exclude_tags=())
+                     if "TESTING" not in b and "minifier" not in b]
+            if backend not in known:
+                raise ValueError(f"run.compile={backend} is not a torch.compile backend; use true "
+                                 f"(inductor) or one of {', '.join(known)}")
             self.net = torch.compile(self.net, backend=backend)
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.run.amp)
         self.scaler = (torch.amp.GradScaler(self.device.type) if c.run.amp == "fp16" else None)
@@ -382,6 +419,28 @@ class Trainer:
                                        c.data.eval_batch_size, shuffle=False,
                                        device=self.device, mean=self.data.mean,
                                        std=self.data.std)
+
+    def _check_model_fits(self, images: Tensor) -> None:
+        """One forward in eval mode (no statistic changes) on two training images, so a model
+        that does not fit the data's shape fails here with a clear message, not in step one."""
+        name = self.config.model.name
+        x = images.to(self.device).float()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                out = self.model(x)
+        except RuntimeError as err:
+            raise ValueError(
+                f"model.name={name} does not fit the data ({tuple(images.shape[1:])} images): "
+                f"{str(err).splitlines()[0]}; choose a model made for this input size"
+            ) from None
+        finally:
+            self.model.train(was_training)
+        if not isinstance(out, Tensor) or tuple(out.shape) != (len(x), self.num_classes):
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"model.name={name} returns {got} for {len(x)} images; it must "
+                             f"return logits of shape (batch, {self.num_classes})")
 
     def _forward(self, x: Tensor) -> Tensor:
         """The closure's forward: counted, on the model the steps call."""
@@ -424,14 +483,16 @@ class Trainer:
                 state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
             if self.scaler is not None:
                 state["grad_scaler"] = self.scaler.state_dict()
-        save_checkpoint(path, state)
+        self.signals["saving"] = True
+        try:
+            save_checkpoint(path, state)
+        finally:
+            self.signals["saving"] = False
+        if not weights_only:
+            self._saved_epoch = self.state["epoch"]
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
-        if _comparable(ckpt.get("config")) != _comparable(self.config.to_dict()):
-            raise ValueError(
-                f"the run in {self.run_dir} was made with another recipe; resume it with the "
-                "recipe in its config.yaml (samkit train --resume RUN_DIR), or start a new run"
-            )
+        """Continue from a checkpoint (the recipe was checked against config.yaml already)."""
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.loader.load_state_dict(ckpt["loader"])
@@ -446,10 +507,20 @@ class Trainer:
         torch.set_rng_state(ckpt["rng"])
         if "cuda_rng" in ckpt and self.device.type == "cuda":
             torch.cuda.set_rng_state(ckpt["cuda_rng"], self.device)
-        # metrics.jsonl may hold epochs after the checkpoint (a crash after the log line)
+        self._saved_epoch = self.state["epoch"]
         if self.rank == 0:
-            lines = read_metrics(self.run_dir)
-            kept = [m for m in lines if m["epoch"] <= self.state["epoch"]]
+            self._trim_metrics()
+
+    def _trim_metrics(self) -> None:
+        """Keep the metrics of the epochs the checkpoint holds (none without one): a kill between
+        an epoch's log line and its checkpoint would otherwise log that epoch twice. Records of
+        samkit 0.1.0 (numbered from 0) are rewritten numbered from 1."""
+        done = self._saved_epoch or 0
+        path = self.run_dir / METRICS
+        raw = read_jsonl(path)
+        lines = read_metrics(self.run_dir)
+        kept = [m for m in lines if m.get("epoch", done) <= done]
+        if kept != raw:
             _write_metrics(self.run_dir, kept)
 
     def _prepare_run_dir(self) -> dict[str, Any] | None:
@@ -462,7 +533,8 @@ class Trainer:
             try:
                 found[1] = self._open_run_dir(restore=False)
                 if found[1] is None and (self.run_dir / CHECKPOINT).exists():
-                    found[2] = load_checkpoint(self.run_dir / CHECKPOINT, map_location="cpu")
+                    found[2] = load_checkpoint(self.run_dir / CHECKPOINT, map_location="cpu",
+                                               keys=CHECKPOINT_KEYS)
             except (ValueError, OSError) as err:
                 found[0] = err
         dist.broadcast_object_list(found, src=0)
@@ -474,32 +546,119 @@ class Trainer:
             self.log(self._resume_message())
         return finished
 
+    def _lock(self) -> None:
+        """Hold an exclusive lock on the run directory (made if needed) for this call. The
+        kernel drops it when the process ends, however it ends, so a dead run never blocks."""
+        if not self.run_dir.exists():
+            self.run_dir.mkdir(parents=True)
+            self._own_dir = True
+        fd = os.open(self.run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ValueError(
+                f"run directory {self.run_dir} is in use by another samkit process (pid "
+                f"{holder}); wait for it to finish, or choose another run.name / run.out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the last descriptor releases the lock
+            self._lock_fd = None
+
+    def _discard(self) -> None:
+        """After a failure before any checkpoint: remove what this run directory holds (only
+        the run's own files), so the same command can be retried."""
+        if self.rank != 0 or not self._own_dir or (self.run_dir / CHECKPOINT).exists():
+            return
+        remove_stale_temporaries(self.run_dir)
+        for name in RUN_FILES:
+            (self.run_dir / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.run_dir.rmdir()  # only if nothing else is left
+
     def _open_run_dir(self, restore: bool = True) -> dict[str, Any] | None:
+        self._lock()
         ckpt_path = self.run_dir / CHECKPOINT
-        if self.run_dir.exists() and any(self.run_dir.iterdir()):
+        remove_stale_temporaries(self.run_dir)  # left by a kill during a write
+        if any(p.name != LOCK for p in self.run_dir.iterdir()):
             if not self.resume:
                 raise ValueError(
                     f"run directory {self.run_dir} exists; resume it with --resume, or choose "
                     "another run.name / run.out"
                 )
-            if (self.run_dir / SUMMARY).exists():
-                saved = yaml.safe_load((self.run_dir / "config.yaml").read_text())
-                if _comparable(saved) != _comparable(self.config.to_dict()):
-                    raise ValueError(
-                        f"the finished run in {self.run_dir} was made with another recipe; "
-                        "choose another run.name / run.out for this one"
-                    )
-                return json.loads((self.run_dir / SUMMARY).read_text())
+            finished = self._check_resume()
+            self._own_dir = True
+            if finished is not None:
+                return finished
             if ckpt_path.exists():
                 if restore:
-                    self._restore(load_checkpoint(ckpt_path, map_location=self.device))
+                    self._restore(load_checkpoint(ckpt_path, map_location=self.device,
+                                                  keys=CHECKPOINT_KEYS))
                     self.log(self._resume_message())
                 return None
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(
-            yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+            # no checkpoint yet: the run starts from scratch in its own directory
+            (self.run_dir / BEST).unlink(missing_ok=True)
+            self._trim_metrics()
+            self._write_run_files()  # a kill may have come before they were all written
+            return None
+        self._own_dir = True
+        self._write_run_files()
+        self._write_recipe()  # last: a directory with config.yaml holds the other files
+        return None
+
+    def _write_run_files(self) -> None:
         write_json(self.run_dir / "env.json", environment(self.device, self.world))
         write_json(self.run_dir / "split.json", self.data.split)
+
+    def _write_recipe(self) -> None:
+        text = yaml.safe_dump(self.config.to_dict(), sort_keys=False)
+        atomic_write(self.run_dir / "config.yaml", lambda f: f.write(text.encode()))
+
+    def _check_resume(self) -> dict[str, Any] | None:
+        """Check this recipe against the run's (config.yaml); record the changes a resume may
+        make (changes.jsonl), refuse the others. Return the summary of a finished run."""
+        saved_path = self.run_dir / "config.yaml"
+        if not saved_path.is_file():
+            raise ValueError(f"{self.run_dir} is not a samkit run directory (no config.yaml); "
+                             "choose another run.name / run.out")
+        try:
+            saved = yaml.safe_load(saved_path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ValueError(f"{saved_path} is damaged ({err}); start a new run") from None
+        if not isinstance(saved, dict):
+            raise ValueError(f"{saved_path} is damaged (not a mapping); start a new run")
+        stopped = self.run_dir / STOPPED
+        failure = read_json(stopped) if stopped.exists() else None
+        summary_path = self.run_dir / SUMMARY
+        try:
+            changes = resume_changes(saved, self.config, after_failure=failure is not None)
+        except ConfigError as err:
+            what = "finished run" if summary_path.exists() else "run"
+            raise ConfigError(f"the {what} in {self.run_dir} was {err}") from None
+        if summary_path.exists():
+            summary = read_json(summary_path)
+            done, epochs = summary.get("epochs"), self.config.schedule.epochs
+            if isinstance(done, int) and epochs < done:
+                raise ValueError(f"the finished run in {self.run_dir} has {done} epochs; "
+                                 f"schedule.epochs={epochs} cannot undo them")
+            if not isinstance(done, int) or epochs == done:
+                return summary  # finished: run settings that changed do not matter
+            summary_path.unlink()  # more epochs: go on from the last checkpoint
+        if changes:
+            self.log("resuming with changes: " + ", ".join(
+                f"{c['key']} {c['old']!r} -> {c['new']!r}" for c in changes))
+            entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changes": changes,
+                     "after": failure}
+            with open(self.run_dir / CHANGES, "a") as f:
+                f.write(json_text(entry, indent=None) + "\n")
+            self._write_recipe()
+        stopped.unlink(missing_ok=True)
         return None
 
     # ----------------------------------------------------------------------------------------------
@@ -513,10 +672,13 @@ class Trainer:
             finished = self._prepare_run_dir()
             if finished is not None:
                 self.log(f"{self.run_dir} is finished already")
+                if self.rank == 0 and not (self.run_dir / "plots" / "curves.png").exists():
+                    self._plot()  # a kill came between the summary and the plots
                 return finished
             epochs = self.config.schedule.epochs
             self.display = RunDisplay(epochs, bars=self.progress, verbose=self.verbose)
             with _stop_on_signals() as flag:
+                self.signals = flag
                 while self.state["epoch"] < epochs:
                     self._train_epoch(flag)
                     self._end_epoch()
@@ -526,7 +688,17 @@ class Trainer:
             if self.owns_group:
                 dist.barrier()  # no process leaves while another still talks to it
             return summary
+        except TrainingError as err:
+            if self.rank == 0 and self._lock_fd is not None:
+                write_json(self.run_dir / STOPPED, {"epoch": self.state.get("epoch"),
+                                                    "reason": str(err)})
+            self._discard()
+            raise
+        except BaseException:
+            self._discard()
+            raise
         finally:
+            self._unlock()
             if self.owns_group:
                 self._leave_group()
 
@@ -534,9 +706,10 @@ class Trainer:
         """Free the DDP wrapper while its process group lives, then shut the group down. (Were
         the wrapper freed last, the group's destructor would join gloo's threads holding the GIL
         that they may need: a deadlock seen at exit.)"""
-        self.net = self.model
-        if getattr(self, "optimizer", None) is not None:
-            self.optimizer.model = self.model
+        if hasattr(self, "model"):  # setup may have failed before the model was made
+            self.net = self.model
+            if getattr(self, "optimizer", None) is not None:
+                self.optimizer.model = self.model
         gc.collect()
         dist.destroy_process_group()
 
@@ -575,7 +748,12 @@ class Trainer:
         counted = torch.tensor(st["counted"], dtype=torch.int64, device=self.device)
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
                     if self.autocast_dtype is not None else contextlib.nullcontext())
+        # normalisation running statistics (and their batch counts): restored after a step that
+        # is skipped or that leaves them non-finite (the forward passes fold a bad batch into
+        # them either way)
+        stats = list(self.model.buffers())
         for x, y in self.loader:
+            before = [b.clone() for b in stats]
             t = epoch + st["step"] / steps
             factor = lr_factor(c.schedule, t)
             for group, lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
@@ -589,16 +767,16 @@ class Trainer:
             st["step"] += 1
             st["global_step"] += 1
             st["seen"] += len(y)
-            if self.optimizer.last_step_skipped:
+            skipped = self.optimizer.last_step_skipped or not _all_finite(stats)
+            if skipped:
+                with torch.no_grad():
+                    for b, old in zip(stats, before, strict=True):
+                        b.copy_(old)
                 st["nonfinite"] += 1
                 st["consecutive_nonfinite"] += 1
                 if st["consecutive_nonfinite"] >= c.run.max_nonfinite:
-                    raise TrainingError(
-                        f"{st['consecutive_nonfinite']} non-finite steps in a row at epoch "
-                        f"{epoch + 1}, step {st['step']}: the run stopped; the last good "
-                        f"checkpoint in {self.run_dir} is kept. Lower optim.lr or the radius, "
-                        "or check the data"
-                    )
+                    raise self._failure(f"{st['consecutive_nonfinite']} non-finite steps in a "
+                                        f"row at epoch {epoch + 1}, step {st['step']}")
             else:
                 st["consecutive_nonfinite"] = 0
                 loss_sum += out.loss.double() * len(mine)
@@ -637,14 +815,21 @@ class Trainer:
             "nonfinite_steps": st["nonfinite"], "train_time_s": st["train_time"],
         }
         last = epoch + 1 == c.schedule.epochs
-        if self.rank == 0 and (last or (epoch + 1) % c.run.eval_every == 0):
-            # Momentum-SAM's model holds perturbed weights between steps: evaluate and keep w
-            at_w = getattr(self.optimizer, "at_w", contextlib.nullcontext)
-            with at_w():
+        if not _all_finite([*self.model.parameters(), *self.model.buffers()]):
+            raise self._failure(f"the model's weights or normalisation statistics are not "
+                                f"finite after epoch {epoch + 1}")
+        evaluated = self.rank == 0 and (last or (epoch + 1) % c.run.eval_every == 0)
+        # Momentum-SAM's model holds perturbed weights between steps: evaluate and keep w
+        with getattr(self.optimizer, "at_w", contextlib.nullcontext)():
+            if evaluated:
                 record.update(self.evaluate())
+            if self._agree(evaluated and record["test_loss"] is None):  # every process stops
+                raise self._failure(f"the evaluation after epoch {epoch + 1} is not finite")
+            if evaluated:
                 best = st["best"]
                 if best is None or record["overall"] > best["overall"]:
-                    st["best"] = {k: record[k] for k in ("epoch", "overall", "many", "medium", "few")}
+                    st["best"] = {k: record[k] for k in ("epoch", "overall", "many", "medium",
+                                                         "few")}
                     self._checkpoint(self.run_dir / BEST, weights_only=True)
         st.update(epoch=epoch + 1, step=0, loss_sum=0.0, correct=0, counted=0)
         if self.rank == 0:
@@ -671,9 +856,32 @@ class Trainer:
         per_class = per_class_accuracy(z, y, self.num_classes)
         groups = group_accuracy(per_class, self.data.groups)
         test_loss = float(torch.nn.functional.cross_entropy(z, y))
+        if not (math.isfinite(test_loss) and bool(torch.isfinite(z).all())):
+            test_loss = None  # JSON null; the loop stops on it
         return {**{k: _num(v) for k, v in groups.items()}, "test_loss": test_loss,
                 "ece": _num(expected_calibration_error(z, y, bins=15)),
                 "per_class": [_num(v) for v in per_class.tolist()]}
+
+    def _plot(self) -> None:
+        try:
+            from samkit.report.plots import plot_run
+
+            plot_run(self.run_dir)
+        except Exception as err:  # a plot must never cost a finished run
+            self.log(f"warning: plots not written ({err})")
+
+    def _failure(self, what: str) -> TrainingError:
+        """The error that stops a run going non-finite, with advice that can be followed."""
+        lr = self.config.optim.lr
+        if self._saved_epoch is not None and (self.run_dir / CHECKPOINT).exists():
+            kept = (f"the last good checkpoint (after epoch {self._saved_epoch}) in "
+                    f"{self.run_dir} is kept; continue from it with a lower learning rate or "
+                    f"radius, e.g. samkit train --resume {self.run_dir} optim.lr={lr / 10:g}")
+        else:
+            kept = ("no checkpoint had been written, so there is nothing to keep; run again "
+                    f"with a lower learning rate or radius (e.g. optim.lr={lr / 10:g}), or "
+                    "check the data")
+        return TrainingError(f"{what}: the run stopped; {kept}")
 
     def _finish(self) -> dict[str, Any]:
         if self.rank != 0:
@@ -702,23 +910,10 @@ class Trainer:
             "note": "'last' is the final epoch; 'best' is the best test epoch (optimistic).",
         }
         write_json(self.run_dir / SUMMARY, summary)
-        try:
-            from samkit.report.plots import plot_run
-
-            plot_run(self.run_dir)
-        except Exception as err:  # a plot must never cost a finished run
-            self.log(f"warning: plots not written ({err})")
+        self._plot()
         if self.world > 1:
             dist.broadcast_object_list([summary], src=0)
         return summary
-
-
-def _comparable(config: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A recipe without where its run lives (a run directory may be moved or renamed)."""
-    if config is None:
-        return None
-    run = {k: v for k, v in config["run"].items() if k not in ("out", "name")}
-    return {**config, "run": run}
 
 
 def _flip_only(batch: Tensor, generator: torch.Generator) -> Tensor:
@@ -735,11 +930,17 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every floating-point tensor holds finite values only (one synchronisation)."""
+    flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
 def _write_metrics(run_dir: Path, records: list[dict[str, Any]]) -> None:
-    text = "".join(json.dumps(r) + "\n" for r in records)
-    (run_dir / METRICS).write_text(text)
+    text = "".join(json_text(r, indent=None) + "\n" for r in records)
+    atomic_write(run_dir / METRICS, lambda f: f.write(text.encode()))
 
 
 def _append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
     with open(run_dir / METRICS, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json_text(record, indent=None) + "\n")
