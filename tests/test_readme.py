@@ -17,9 +17,18 @@ ROOT = Path(__file__).resolve().parents[1]
 STAND_INS = {
     "run.device=cuda": "run.device=cpu",  # no GPU in the test
     "run.compile=true": "run.compile=eager",  # inductor's C++ build takes minutes on a CPU
-    "mypackage.models:make_net": "harness_models:TinyNet",  # the README's placeholder
+    "mymodels:make_net": "harness_models:TinyNet",  # the README's placeholder
 }
-NOT_RUN = {"samkit download fashion-mnist": "needs the network"}
+# Commands left out, by their start, and why (each must still be in the README).
+NOT_RUN = {
+    "samkit download fashion-mnist": "needs the network",
+    "samkit train configs/imagenet_lt_clip_lora_focal.yaml": "needs CLIP's weights (the "
+    "integration tests run this recipe's model from a small random config)",
+}
+
+
+def not_run(line: str) -> bool:
+    return any(line.startswith(start) for start in NOT_RUN)
 
 
 def readme_commands() -> list[str]:
@@ -28,7 +37,8 @@ def readme_commands() -> list[str]:
     lines = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.splitlines():
-            line = line.split(" #")[0].strip()
+            line = line.split(" #")[0]
+            line = re.split(r"\s(?:\d?>|\|)", line)[0].strip()  # the shell's redirections and pipes
             if line.startswith("samkit "):
                 lines.append(line)
     return lines
@@ -77,13 +87,16 @@ def test_every_readme_command_runs(tmp_path: Path, tiny_fmnist: Path,
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     ran = 0
     for index, line in enumerate(readme_commands()):
-        if line in NOT_RUN:
+        if not_run(line):
             continue
         argv = shortened(line, tiny_fmnist, index)
-        code = main(argv)
+        try:
+            code = main(argv)
+        except SystemExit as stop:  # --version: argparse prints and exits
+            code = stop.code
         err = capsys.readouterr().err
         assert code == 0, f"{line}\n  ran as: samkit {shlex.join(argv)}\n  {err}"
         ran += 1
-    assert ran == len(readme_commands()) - len(NOT_RUN)
+    assert ran == len([line for line in readme_commands() if not not_run(line)]) >= 15
     assert (tmp_path / "report/report.md").is_file()
     assert (tmp_path / "runs/imb/sharpness/sharpness.json").is_file()
