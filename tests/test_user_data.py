@@ -232,3 +232,18 @@ def test_file_list_miniature_trains_head_first(tmp_path: Path) -> None:
         prepare_data(load_config(None, [*recipe, "data.profile=exp"]))
     with pytest.raises(ConfigError, match="needs data.train_list"):
         prepare_data(load_config(None, ["data.name=filelist", f"data.root={tmp_path}"]))
+
+
+def test_presets_know_their_list_files_and_classes(tmp_path: Path) -> None:
+    """data.name=imagenet-lt finds ImageNet_LT_{train,val,test}.txt under data.root, has 1000
+    classes named by their folders, and refuses a list of another data set."""
+    lines = [f"train/n{c:08d}/{i}.JPEG {c}" for c in range(1000) for i in range(1 + (c == 7) * 2)]
+    (tmp_path / "ImageNet_LT_train.txt").write_text("\n".join(lines))
+    (tmp_path / "ImageNet_LT_test.txt").write_text("val/x/1.JPEG 0\nval/y/2.JPEG 999\n")
+    data = prepare_data(load_config(None, ["data.name=imagenet-lt", f"data.root={tmp_path}"]))
+    assert data.train.num_classes == 1000 and data.counts[:2] == [3, 1]
+    assert data.train.classes[:2] == ["n00000007", "n00000000"]  # head first, folder names
+    assert data.thresholds == (100, 20) and data.val is None
+    (tmp_path / "ImageNet_LT_train.txt").write_text("\n".join([*lines, "train/z/1.JPEG 1000"]))
+    with pytest.raises(ValueError, match="has label 1000 but the data set has 1000 classes"):
+        prepare_data(load_config(None, ["data.name=imagenet-lt", f"data.root={tmp_path}"]))

@@ -189,6 +189,8 @@ def _file_lists(d: DataConfig) -> tuple[FileList, FileList | None, FileList]:
     if preset is not None:
         defaults = {"train": preset.train_list, "val": preset.val_list, "test": preset.test_list}
         lists = {k: v if v is not None else defaults[k] for k, v in lists.items()}
+        if d.val_list is None and not (Path(d.root).expanduser() / preset.val_list).is_file():
+            lists["val"] = None  # the validation list is optional
     for key in ("train", "test"):
         if lists[key] is None:
             raise ConfigError(f"data.name=filelist needs data.{key}_list: a text file of "
