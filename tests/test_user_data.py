@@ -4,6 +4,8 @@ and friends) streamed from disk, from the readers and transforms to `samkit trai
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ from samkit.data import (
 from samkit.data.filelist import center_crop_box, random_resized_crop_box
 from samkit.train.config import ConfigError, load_config
 from samkit.train.data import prepare_data
+from samkit.train.loop import Interrupted, Trainer
 
 
 @pytest.fixture(autouse=True)
@@ -247,3 +250,34 @@ def test_presets_know_their_list_files_and_classes(tmp_path: Path) -> None:
     (tmp_path / "ImageNet_LT_train.txt").write_text("\n".join([*lines, "train/z/1.JPEG 1000"]))
     with pytest.raises(ValueError, match="has label 1000 but the data set has 1000 classes"):
         prepare_data(load_config(None, ["data.name=imagenet-lt", f"data.root={tmp_path}"]))
+
+
+def test_streamed_run_resumes_exactly(tmp_path: Path) -> None:
+    """Interrupted mid-epoch and resumed, a streamed run ends with the weights and metrics of one
+    that never stopped: the loader's place and every image's crop are in the checkpoint's seeds."""
+    write_file_list_set(tmp_path / "mini", [40, 20, 8], 2, size=32)
+
+    def recipe(out: str) -> list[str]:
+        return ["data.name=filelist", f"data.root={tmp_path / 'mini'}",
+                "data.train_list=train.txt", "data.test_list=test.txt", "data.image_size=28",
+                "data.workers=0", "data.batch_size=16", "schedule.epochs=2", "optim.method=sam",
+                "optim.kwargs={}", f"run.out={tmp_path / out}", "run.name=r",
+                "run.deterministic=true", "run.threads=1"]
+
+    straight = Trainer(load_config(None, recipe("a")), progress=False)
+    straight.run()
+
+    def interrupt(trainer: Trainer, epoch: int, step: int) -> None:
+        if (epoch, step) == (1, 2):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted):
+        Trainer(load_config(None, recipe("b")), progress=False, on_step=interrupt).run()
+    resumed = Trainer(load_config(None, recipe("b")), resume=True, progress=False)
+    resumed.run()
+    for key, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    lines = [[{k: v for k, v in json.loads(x).items() if not k.endswith("time_s")}
+              for x in (tmp_path / out / "r" / "metrics.jsonl").read_text().splitlines()]
+             for out in ("a", "b")]
+    assert lines[0] == lines[1] and len(lines[0]) == 2
