@@ -26,7 +26,7 @@ from samkit.data import (
 )
 from samkit.data.filelist import center_crop_box, random_resized_crop_box
 from samkit.train.config import ConfigError, load_config
-from samkit.train.data import prepare_data
+from samkit.train.data import make_loaders, prepare_data
 from samkit.train.loop import Interrupted, Trainer
 
 
@@ -281,3 +281,25 @@ def test_streamed_run_resumes_exactly(tmp_path: Path) -> None:
               for x in (tmp_path / out / "r" / "metrics.jsonl").read_text().splitlines()]
              for out in ("a", "b")]
     assert lines[0] == lines[1] and len(lines[0]) == 2
+
+
+def test_photos_of_many_sizes_stream_from_class_folders(tmp_path: Path) -> None:
+    """data.name=filelist with no list files: the class folders, images of any size, held out and
+    renumbered head first like an in-memory folder."""
+    root = tmp_path / "photos"
+    rng = np.random.default_rng(0)
+    for name, n in {"ant": 3, "bee": 12, "cow": 6}.items():
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            size = (int(rng.integers(20, 60)), int(rng.integers(20, 60)))
+            Image.new("RGB", size, (40 * i % 255, 90, 30)).save(root / name / f"{i}.jpg")
+    (root / "notes.txt").write_text("not an image")
+    config = load_config(None, ["data.name=filelist", f"data.root={root}", "data.image_size=16",
+                                "data.workers=0"])
+    data = prepare_data(config)
+    assert data.train.classes == ["bee", "cow", "ant"] and data.counts == [10, 5, 2]
+    assert data.test.class_counts() == [2, 1, 1] and data.split["class_ids"] == [1, 2, 0]
+    assert len(data.split["held_out"]["test"]) == 4
+    loader, test_loader = make_loaders(config, data, torch.device("cpu"))
+    shapes = {tuple(x.shape[1:]) for x, _ in loader} | {tuple(x.shape[1:]) for x, _ in test_loader}
+    assert shapes == {(3, 16, 16)}

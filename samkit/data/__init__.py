@@ -25,6 +25,7 @@ from samkit.data.filelist import (
     StreamingLoader,
     load_file_list,
     read_file_list,
+    scan_class_folders,
 )
 from samkit.data.profiles import ORDERS, PROFILES, long_tail_counts, long_tail_indices
 from samkit.data.readers import (
@@ -111,5 +112,6 @@ __all__ = [
     "read_idx_labels",
     "read_image_folder",
     "read_image_folder_splits",
+    "scan_class_folders",
     "shot_groups",
 ]

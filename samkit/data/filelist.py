@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from samkit.data.readers import IMAGE_EXTENSIONS
 from samkit.data.transforms import _ORDER_STREAM, _derived_seed, normalize
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "load_file_list",
     "random_resized_crop_box",
     "read_file_list",
+    "scan_class_folders",
 ]
 
 PathLike = str | os.PathLike
@@ -143,6 +145,13 @@ class FileList:
         """Number of images of each class, in label order."""
         return torch.bincount(self.labels, minlength=self.num_classes).tolist()
 
+    def subset(self, indices: Sequence[int], note: str = "") -> FileList:
+        """The images at ``indices`` (in that order); ``note`` is appended to ``source``."""
+        index = [int(i) for i in indices]
+        source = f"{self.source}; {note}" if note else self.source
+        return replace(self, paths=tuple(self.paths[i] for i in index),
+                       labels=self.labels[torch.tensor(index, dtype=torch.int64)], source=source)
+
     def relabel(self, order: Sequence[int], note: str = "") -> FileList:
         """The same images with class ``order[k]`` renamed to class k (e.g. head first)."""
         rank = torch.empty(len(order), dtype=torch.int64)
@@ -196,6 +205,31 @@ def load_file_list(
     names = list(classes) if classes is not None else _class_names(paths, labels, count)
     return FileList(root, tuple(p.lstrip("/") for p in paths),
                     torch.tensor(labels, dtype=torch.int64), names, f"file list {path}")
+
+
+def scan_class_folders(root: PathLike) -> FileList:
+    """A :class:`FileList` of a class-per-folder tree ``root/<class>/<image>`` (sorted class names
+    are the labels, files in sorted order), to stream images of any size without list files.
+
+    Raises:
+        FileNotFoundError: if ``root`` is not a folder.
+        ValueError: if no class folder holds an image.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a folder of class folders (<class>/<image>)")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    paths: list[str] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        files = sorted(f.name for f in (root / name).iterdir()
+                       if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        paths.extend(f"{name}/{f}" for f in files)
+        labels.extend([label] * len(files))
+    if not paths:
+        raise ValueError(f"{root} has no class folder with images ({', '.join(IMAGE_EXTENSIONS)})")
+    return FileList(root, tuple(paths), torch.tensor(labels, dtype=torch.int64), classes,
+                    f"class folders {root}")
 
 
 # --------------------------------------------------------------------------------------------

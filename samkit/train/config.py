@@ -42,7 +42,8 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     # fashion-mnist, mnist, cifar10, cifar100, image-folder, mnist1d; streamed from list files:
-    # filelist (give train_list and test_list), imagenet-lt, places-lt, inat2018
+    # filelist (train_list and test_list, or neither: the class folders under root), imagenet-lt,
+    # places-lt, inat2018
     name: str = "fashion-mnist"
     root: str | None = None  # data location; else $SAMKIT_DATA and the standard places
     ratio: float = 100.0  # imbalance ratio n_max / n_min (1 = the balanced set)

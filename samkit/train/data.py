@@ -11,6 +11,8 @@ Three kinds of data:
 - List files of ``relative/path label`` lines (``data.name=filelist`` or a preset: imagenet-lt,
   places-lt, inat2018) are streamed from disk by :class:`samkit.data.StreamingLoader`; the lists
   define the long tail, and the groups use the standard thresholds (many > 100, few < 20).
+  ``data.name=filelist`` with no list streams the class folders under ``data.root`` (photos of
+  any size), with held-out splits as for an image folder.
 
 Data kept as they come have their classes renumbered by training count, head first, so that
 groups, tables and plots read from head to tail; split.json keeps each class's name and its
@@ -47,6 +49,7 @@ from samkit.data import (
     load_file_list,
     long_tail_counts,
     long_tail_indices,
+    scan_class_folders,
     shot_groups,
 )
 from samkit.train.config import Config, ConfigError, DataConfig
@@ -86,7 +89,7 @@ def prepare_data(config: Config, progress: bool = True) -> Data:
         if profile != "none":
             raise ConfigError(f"data.profile must be none for {d.name} (its list files define the "
                               f"long tail); got {profile!r}")
-        train, val, test = _file_lists(d)
+        train, val, test = _file_lists(d, split)
     else:
         train, val, test = _in_memory(d, progress, split)
     if profile == "none":
@@ -159,8 +162,8 @@ def _in_memory(d: DataConfig, progress: bool,
             load_dataset(d.name, split="test", **common))
 
 
-def _held_out(d: DataConfig, everything: ArrayDataset,
-              split: dict[str, Any]) -> tuple[ArrayDataset, ArrayDataset | None, ArrayDataset]:
+def _held_out(d: DataConfig, everything: Dataset,
+              split: dict[str, Any]) -> tuple[Dataset, Dataset | None, Dataset]:
     """Stratified, seeded test (and validation) splits of a folder with no split folders."""
     kept, test_idx = holdout(everything.labels, d.test_fraction, d.subsample_seed)
     note = f"held out {d.test_fraction:g} per class, seed {d.subsample_seed}"
@@ -179,11 +182,15 @@ def _held_out(d: DataConfig, everything: ArrayDataset,
             everything.subset(test_idx, f"test part: {note}"))
 
 
-def _file_lists(d: DataConfig) -> tuple[FileList, FileList | None, FileList]:
-    """(train, validation or None, test) lists of a file-list set or preset."""
+def _file_lists(d: DataConfig,
+                split: dict[str, Any]) -> tuple[FileList, FileList | None, FileList]:
+    """(train, validation or None, test) lists of a file-list set or preset; with no list
+    files, of the class folders under data.root (streamed: images of any size)."""
     if d.root is None:
         raise ConfigError(f"data.name={d.name} needs data.root: the folder the list files' image "
                           "paths are relative to")
+    if d.name == "filelist" and d.train_list is None and d.test_list is None:
+        return _held_out(d, scan_class_folders(d.root), split)
     preset = PRESETS.get(d.name)
     lists = {"train": d.train_list, "val": d.val_list, "test": d.test_list}
     if preset is not None:
@@ -194,15 +201,14 @@ def _file_lists(d: DataConfig) -> tuple[FileList, FileList | None, FileList]:
     for key in ("train", "test"):
         if lists[key] is None:
             raise ConfigError(f"data.name=filelist needs data.{key}_list: a text file of "
-                              "'relative/path label' lines")
+                              "'relative/path label' lines (or neither list, to stream the class "
+                              "folders under data.root)")
     num_classes = preset.num_classes if preset is not None else None
     train = load_file_list(lists["train"], d.root, num_classes=num_classes)
     if d.limit_per_class is not None:
         keep = [i for c in range(train.num_classes)
                 for i in (train.labels == c).nonzero().flatten()[:d.limit_per_class].tolist()]
-        keep.sort()
-        train = FileList(train.root, tuple(train.paths[i] for i in keep), train.labels[keep],
-                         train.classes, f"{train.source}; first {d.limit_per_class} per class")
+        train = train.subset(sorted(keep), f"first {d.limit_per_class} per class")
     if min(train.class_counts()) == 0:
         empty = train.class_counts().index(0)
         raise ValueError(f"{train.source} has no image of class {empty} ({train.classes[empty]}); "
