@@ -1,4 +1,8 @@
-"""The `samkit` command."""
+"""The `samkit` command.
+
+Building the parser imports nothing heavy (no torch, no matplotlib), so `samkit --help` and
+`samkit --version` answer at once; each subcommand imports what it needs when it runs.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,9 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
+# `samkit sharpness --what`: the same names as samkit.analysis.run.QUANTITIES (a test keeps them
+# equal), written out so that building the parser does not import torch
+QUANTITIES = ("trace", "eigen", "density", "classwise", "groups", "saddle", "landscape")
 
 TRAIN_HELP = """\
 Train one method on a long-tailed data set and write a run directory.
@@ -15,7 +21,7 @@ Train one method on a long-tailed data set and write a run directory.
 With no recipe, runs the embedded default: Fashion-MNIST long-tailed at ratio 100, the small CNN
 and Focal-SAM (a few minutes on 2 CPU cores). Overrides are key=value with dotted keys, e.g.
   samkit train optim.method=sam optim.kwargs.rho=0.1 schedule.epochs=20 run.name=sam-run
-  samkit train configs/cifar10_lt_focal.yaml run.device=cuda
+  samkit train configs/cifar10_lt100_focal.yaml run.device=cuda
   samkit train --resume runs/sam-run
 Keys: data.{name,root,ratio,profile,order,batch_size,augment,...}, model.{name,head},
 loss.{name,kwargs}, optim.{method,base,lr,momentum,weight_decay,norm_stats,kwargs,rho_schedule},
@@ -48,9 +54,11 @@ def _train(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.print_config:
+        import yaml
+
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
-    trainer = Trainer(config, resume=resume, progress=not args.quiet)
+    trainer = Trainer(config, resume=resume, progress=args.quiet == 0, verbose=args.quiet < 2)
     try:
         summary = trainer.run()
     except Interrupted as stop:
@@ -107,12 +115,14 @@ def _compare(args: argparse.Namespace) -> int:
         return 1
     if args.sharpness:
         from samkit.analysis.run import analyse_run
+        from samkit.train.progress import is_terminal
 
         for run_dir in run_dirs:
             if not (run_dir / "sharpness" / "sharpness.json").exists():
                 if not args.quiet:
                     print(f"sharpness of {run_dir}", flush=True)
-                analyse_run(run_dir, what=tuple(args.sharpness.split(",")), progress=not args.quiet)
+                analyse_run(run_dir, what=tuple(args.sharpness.split(",")),
+                            progress=not args.quiet and is_terminal(sys.stderr))
     out = Path(runs[0].config.run.out) / "report"
     for path in write_report(run_dirs, out):
         print(f"wrote {path}")
@@ -134,12 +144,13 @@ def _report(args: argparse.Namespace) -> int:
 
 def _sharpness(args: argparse.Namespace) -> int:
     from samkit.analysis.run import analyse_run
+    from samkit.train.progress import is_terminal
 
     try:
         results = analyse_run(args.run_dir, what=tuple(args.what.split(",")),
                               checkpoint=args.checkpoint, per_class=args.per_class, rho=args.rho,
                               eta=args.eta, hvps=args.hvps, seed=args.seed, out=args.out,
-                              progress=not args.quiet)
+                              progress=not args.quiet and is_terminal(sys.stderr))
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -150,9 +161,26 @@ def _sharpness(args: argparse.Namespace) -> int:
               f"{results['normalized_trace']['value']:.4g}")
     if "eigen" in results:
         e = results["eigen"]
-        print(f"top eigenvalues {e['top']}; bottom {e['bottom']}")
+        print(f"top eigenvalues {_floats(e['top'])}; bottom {_floats(e['bottom'])}")
     print(f"wrote {out / 'sharpness.json'} and plots in {out}")
     return 0
+
+
+def _floats(values: list[float]) -> str:
+    """Numbers for a reader: 4 significant digits, e.g. [12.35, -0.0413]."""
+    return "[" + ", ".join(format(v, ".4g") for v in values) + "]"
+
+
+def _version() -> str:
+    """The installed distribution's version, else the source tree's samkit.__version__."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("samkit")
+    except metadata.PackageNotFoundError:
+        import samkit
+
+        return samkit.__version__
 
 
 def _methods(args: argparse.Namespace) -> int:
@@ -183,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sharpness-aware training for PyTorch: SAM and its long-tailed variants, a "
                     "long-tailed training harness, and curvature diagnostics.",
     )
+    parser.add_argument("--version", action="version", version=f"samkit {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     train = sub.add_parser("train", help="train a method on a long-tailed data set",
@@ -192,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     train.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR",
                        help="continue an interrupted run: RUN_DIR, or the recipe's own run")
-    train.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    train.add_argument("--quiet", "-q", action="count", default=0,
+                       help="-q: no progress bars, still a result line per epoch; -qq: only the "
+                            "final summary. Output to a file or pipe never gets bars.")
     train.add_argument("--print-config", action="store_true",
                        help="print the resolved recipe and exit")
     train.set_defaults(func=_train)
@@ -223,8 +254,6 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default="report", help="output directory (default: report)")
     report.set_defaults(func=_report)
 
-    from samkit.analysis.run import QUANTITIES
-
     sharp = sub.add_parser(
         "sharpness", help="curvature and sharpness diagnostics of a trained run",
         description="Hessian trace (Hutch++) and CR-SAM's normalised trace, extreme eigenvalues "
@@ -243,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     sharp.add_argument("--hvps", type=int, default=60, help="Hutch++ budget (default 60)")
     sharp.add_argument("--seed", type=int, default=0)
     sharp.add_argument("--out", help="output directory (default RUN_DIR/sharpness)")
-    sharp.add_argument("--quiet", "-q", action="store_true")
+    sharp.add_argument("--quiet", "-q", action="store_true",
+                       help="no progress bars (output to a file or pipe never gets them)")
     sharp.set_defaults(func=_sharpness)
 
     methods = sub.add_parser("methods", help="list the optimizers",

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from datagen import write_fashion_mnist
 from PIL import Image
 
 from samkit.data import (
@@ -50,9 +51,6 @@ from samkit.data import (
     readers,
     shot_groups,
 )
-
-from datagen import write_fashion_mnist, write_image_tree  # noqa: I001 (tests/ is on sys.path)
-
 
 
 def _real(name: str) -> Path | None:

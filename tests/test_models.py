@@ -132,7 +132,7 @@ def bottleneck_resnet_params(classes: int, groups: int = 1, width_per_group: int
     """Parameters of a [3, 4, 6, 3] bottleneck ResNet(Xt) for 224x224 images, counted by hand."""
     total = 3 * 64 * 49 + 2 * 64  # 7x7 stem conv + BN
     channels = 64
-    for index, (blocks, planes) in enumerate(zip([3, 4, 6, 3], [64, 128, 256, 512])):
+    for blocks, planes in zip([3, 4, 6, 3], [64, 128, 256, 512]):
         width = planes * width_per_group // 64 * groups
         for b in range(blocks):
             total += channels * width + 2 * width  # 1x1 reduce + BN

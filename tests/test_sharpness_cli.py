@@ -13,6 +13,7 @@ from samkit.train.checkpoint import load_checkpoint
 from samkit.train.config import load_config
 from samkit.train.loop import Trainer
 
+
 def test_sharpness_command_on_a_run(tmp_path: Path, capsys: pytest.CaptureFixture,
                                    tiny_fmnist: Path) -> None:
     config = load_config(None, [f"data.root={tiny_fmnist}", "data.limit_per_class=100",

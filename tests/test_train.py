@@ -105,7 +105,7 @@ def test_run_directory_holds_everything(tmp_path: Path) -> None:
     assert len(split["indices"]) == split["total"] == sum(split["counts"])
     assert split["thresholds"] == {"many": 1000, "few": 200}
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [m["epoch"] for m in metrics] == [0, 1]
+    assert [m["epoch"] for m in metrics] == [1, 2]  # epochs numbered from 1
     assert summary["last"]["overall"] == pytest.approx(
         sum(metrics[-1]["per_class"]) / 10, abs=1e-12)
     assert 0.0 <= summary["last"]["overall"] <= 1.0 and summary["steps"] == 12

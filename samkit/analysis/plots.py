@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from samkit.analysis.estimators import DensityEstimate, EigenEstimate
 from samkit.analysis.landscape import Slice1D, Slice2D
 from samkit.analysis.sharpness import SharpnessResult
+from samkit.report.axes import log_count_axis
 
 __all__ = ["plot_sharpness_vs_count", "plot_slice_1d", "plot_slice_2d", "plot_spectrum"]
 
@@ -29,7 +30,7 @@ def _save(fig: Figure, path: PathLike, dpi: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")  # nothing clipped
     return path
 
 
@@ -72,23 +73,29 @@ def plot_sharpness_vs_count(
     train_counts: Sequence[int] | np.ndarray,
     path: PathLike,
     *,
+    labels: Sequence[str] | None = None,
     title: str | None = None,
     dpi: int = 120,
 ) -> Path:
-    """Per-class sharpness (one-step and multi-step) against the class's training count (log x)."""
+    """Per-class sharpness (one-step and multi-step) against the class's training count (log x),
+    each class labelled by ``labels`` (its name; default the result's group names)."""
     counts = np.asarray(train_counts, dtype=float)
     if counts.size != len(result.names):
         raise ValueError(
             f"{counts.size} training counts for {len(result.names)} classes in the result"
         )
+    labels = list(result.names if labels is None else labels)
+    if len(labels) != counts.size:
+        raise ValueError(f"{len(labels)} labels for {counts.size} classes; give one per class")
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
     ax.scatter(counts, result.multi_step, color="tab:red", label=f"{result.steps}-step ascent")
     ax.scatter(counts, result.one_step, color="tab:blue", marker="x", label="one step (SAM)")
-    for name, c, s in zip(result.names, counts, result.multi_step, strict=True):
-        if np.isfinite(s):
-            ax.annotate(name, (c, s), textcoords="offset points", xytext=(3, 3), fontsize=7)
-    ax.set_xscale("log")
+    for i, (name, c, s) in enumerate(zip(labels, counts, result.multi_step, strict=True)):
+        if np.isfinite(s):  # labels of neighbouring classes alternate above and below
+            ax.annotate(name, (c, s), textcoords="offset points", xytext=(3, 4 - 13 * (i % 2)),
+                        fontsize=7)
+    log_count_axis(ax, counts)
     ax.set_xlabel("training images of the class")
     ax.set_ylabel(f"sharpness (rho = {result.rho:g}, {result.normalize}-normalised)")
     ax.set_title(title or "class-wise sharpness")

@@ -35,10 +35,9 @@ from samkit.analysis.sharpness import (
 )
 from samkit.data import normalize
 from samkit.losses import build_loss
-from samkit.models import build_model
 from samkit.train.checkpoint import load_checkpoint, write_json
 from samkit.train.config import load_config
-from samkit.train.loop import prepare_data
+from samkit.train.loop import make_model, prepare_data
 
 QUANTITIES = ("trace", "eigen", "density", "classwise", "groups", "saddle", "landscape")
 
@@ -78,8 +77,10 @@ def analyse_run(run_dir: str | Path, *, what: tuple[str, ...] = QUANTITIES,
     config = load_config(run_dir / "config.yaml")
     device = torch.device("cpu")
     data = prepare_data(config, progress=False)
-    model = build_model(config.model.name, num_classes=len(data.counts),
-                        in_channels=data.train.images.shape[1], head=config.model.head)
+    if not hasattr(data.train, "images"):
+        raise ValueError(f"samkit sharpness needs a data set held in memory; data.name="
+                         f"{config.data.name} is streamed from its files")
+    model = make_model(config, len(data.counts), data.in_channels)
     model.load_state_dict(load_checkpoint(ckpt_path)["model"])
     model.to(device).eval()
     loss_fn = build_loss(config.loss.name, class_counts=data.counts, **config.loss.kwargs)
@@ -127,6 +128,7 @@ def analyse_run(run_dir: str | Path, *, what: tuple[str, ...] = QUANTITIES,
             model, loss_fn, batch, num_classes=len(data.counts), rho=rho, progress=bar))
         results["classwise"] = cls.to_dict()
         plot_sharpness_vs_count(cls, data.counts, out / "class_sharpness.png",
+                                labels=data.train.classes or None,
                                 title=f"{run_dir.name}: class-wise sharpness, rho {rho}")
     if "groups" in what:
         groups = {**shot_class_groups(data.counts, *data.thresholds), **split}

@@ -10,51 +10,66 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from samkit.report.axes import log_count_axis  # noqa: E402
+from samkit.train.records import read_metrics  # noqa: E402
+
 GROUP_COLOURS = {"many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
 
 
 def plot_per_class(run_dir: str | Path, out: str | Path) -> None:
-    """Per-class test accuracy (last epoch) against the class's training count, log scale."""
+    """Per-class test accuracy (last epoch) against the class's training count, log scale, each
+    class labelled by name; groups with no class are left out of the legend."""
     summary = json.loads((Path(run_dir) / "summary.json").read_text())
     counts, acc, groups = summary["counts"], summary["per_class"], summary["groups"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for group, colour in GROUP_COLOURS.items():
         xs = [c for c, g in zip(counts, groups, strict=True) if g == group]
         ys = [a for a, g in zip(acc, groups, strict=True) if g == group]
-        ax.scatter(xs, ys, color=colour, label=f"{group} ({len(xs)})")
-    for name, c, a in zip(summary.get("classes") or [], counts, acc, strict=False):
-        if a is not None:
-            ax.annotate(name, (c, a), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xscale("log")
+        if xs:
+            ax.scatter(xs, ys, color=colour, label=f"{group} ({len(xs)})")
+    for i, (name, c, a) in enumerate(zip(summary.get("classes") or [], counts, acc,
+                                         strict=False)):
+        if a is not None:  # labels of neighbouring classes alternate above and below
+            ax.annotate(name, (c, a), textcoords="offset points", xytext=(4, 5 - 14 * (i % 2)),
+                        fontsize=7)
+    log_count_axis(ax, counts)
     ax.set_xlabel("training images of the class")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"{summary['method']}: overall {summary['last']['overall']:.3f} (last epoch)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    ax.set_title(f"{Path(run_dir).name} ({summary['method']}): overall "
+                 f"{summary['last']['overall']:.3f}, last epoch")
+    ax.legend(title="classes per group", fontsize=8)
+    _save(fig, out)
 
 
 def plot_curves(run_dir: str | Path, out: str | Path) -> None:
-    """Training loss and test accuracy (overall, many, medium, few) per epoch."""
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines if line.strip()]
+    """Training loss and test accuracy (overall, many, medium, few) per epoch, from 1."""
+    records = read_metrics(run_dir)
+    summary_path = Path(run_dir) / "summary.json"
+    method = json.loads(summary_path.read_text())["method"] if summary_path.exists() else None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    epochs = [r["epoch"] + 1 for r in records]
-    ax1.plot(epochs, [r["train_loss"] for r in records], marker="o")
+    ax1.plot([r["epoch"] for r in records], [r["train_loss"] for r in records], marker="o")
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("training loss")
     evals = [r for r in records if "overall" in r]
     for key, colour in [("overall", "black"), *GROUP_COLOURS.items()]:
-        pts = [(r["epoch"] + 1, r[key]) for r in evals if r.get(key) is not None]
+        pts = [(r["epoch"], r[key]) for r in evals if r.get(key) is not None]
         if pts:
             ax2.plot(*zip(*pts, strict=True), marker="o", color=colour, label=key)
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("test accuracy")
-    ax2.legend()
+    if evals:
+        ax2.legend()
+    for ax in (ax1, ax2):
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.suptitle(Path(run_dir).name + (f" ({method})" if method else ""))
+    _save(fig, out)
+
+
+def _save(fig: plt.Figure, out: str | Path) -> None:
+    """Write the figure with nothing clipped (tight layout and bounding box) and close it."""
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -1,4 +1,8 @@
-"""One report from many runs: a Markdown and a CSV table (mean and spread over seeds) and plots."""
+"""One report from many runs: a Markdown and a CSV table (mean and spread over seeds) and plots.
+
+A row averages one label's runs over distinct seeds: two runs of a label with the same seed are
+refused (their spread would read as a spread over seeds), with a message naming both.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from samkit.report.axes import log_count_axis  # noqa: E402
+from samkit.train.records import read_metrics  # noqa: E402
 
 GROUPS = ("overall", "many", "medium", "few")
 
@@ -72,6 +79,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def load_runs(run_dirs: list[str | Path]) -> list[Row]:
     """Group finished runs by label (run.label, else the method), in first-seen order."""
     rows: dict[str, Row] = {}
+    seen: dict[tuple[str, int], Path] = {}  # (label, seed) -> its run
     for run_dir in map(Path, run_dirs):
         path = run_dir / "summary.json"
         if not path.exists():
@@ -83,7 +91,14 @@ def load_runs(run_dirs: list[str | Path]) -> list[Row]:
             raise ValueError(f"{run_dir} was trained on another split than the other runs of "
                              f"{label}; a row must share one protocol")
         row.counts, row.thresholds = s["counts"], s["thresholds"]
-        row.seeds.append(s.get("seed", 0))
+        seed = s.get("seed", 0)
+        if (label, seed) in seen:
+            raise ValueError(
+                f"{seen[label, seed]} and {run_dir} are both seed {seed} of {label}: a row is "
+                "a mean over distinct seeds; report one of them, or give them different "
+                "run.label values to see them as separate rows")
+        seen[label, seed] = run_dir
+        row.seeds.append(seed)
         for g in GROUPS:
             row.last[g].append(math.nan if s["last"][g] is None else s["last"][g])
         row.best_overall.append(s["best"]["overall"] if s.get("best") else math.nan)
@@ -92,9 +107,8 @@ def load_runs(run_dirs: list[str | Path]) -> list[Row]:
         row.peak_memory_mb.append(s.get("peak_memory_mb", math.nan))
         row.train_time_s.append(s["train_time_s"])
         row.per_class.append([math.nan if a is None else a for a in s["per_class"]])
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-        records = [json.loads(x) for x in lines if x.strip()]
-        row.curves.append([(r["epoch"] + 1, r["overall"]) for r in records if "overall" in r])
+        row.curves.append([(r["epoch"], r["overall"]) for r in read_metrics(run_dir)
+                           if "overall" in r])
         for key, value in sharpness_of(run_dir, s["groups"]).items():
             row.sharpness[key].append(value)
     return list(rows.values())
@@ -208,7 +222,7 @@ def _plot_tradeoff(records: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("overall test accuracy (%)")
     ax.set_title("accuracy against cost (mean ± std over seeds)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -219,12 +233,12 @@ def _plot_per_class(rows: list[Row], path: Path) -> None:
         order = sorted(range(len(row.counts)), key=lambda i: row.counts[i])
         ax.plot([row.counts[i] for i in order], [100 * acc[i] for i in order], marker="o",
                 label=row.label, alpha=0.8)
-    ax.set_xscale("log")
+    log_count_axis(ax, [c for row in rows for c in row.counts])
     ax.set_xlabel("training images of the class")
     ax.set_ylabel("test accuracy (%), mean over seeds")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -242,5 +256,5 @@ def _plot_curves(rows: list[Row], path: Path) -> None:
     ax.set_ylabel("overall test accuracy (%), mean over seeds")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

@@ -112,7 +112,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
     deterministic: bool = False
-    threads: int | None = None  # torch CPU threads (None: torch's default)
+    threads: int | str | None = None  # torch CPU threads; None or "auto": torch's own default
     eval_every: int = 1
     max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests)
     max_nonfinite: int = 20  # consecutive non-finite steps that stop the run
@@ -144,7 +144,7 @@ DEFAULT_RECIPE: dict[str, Any] = {
     "optim": {"method": "focalsam", "lr": 0.05, "weight_decay": 5e-4,
               "kwargs": {"rho": 0.1, "gamma": 2.0, "lam": 0.8}},
     "schedule": {"epochs": 8, "lr": "cosine"},
-    "run": {"name": "fmnist-lt100-focalsam", "threads": 2},
+    "run": {"name": "fmnist-lt100-focalsam"},
 }
 
 
@@ -313,7 +313,8 @@ def validate(config: Config) -> None:
     need(r.max_nonfinite >= 1, "run.max_nonfinite", r.max_nonfinite, ">= 1")
     need(r.max_steps_per_epoch is None or r.max_steps_per_epoch >= 1, "run.max_steps_per_epoch",
          r.max_steps_per_epoch, "None or >= 1")
-    need(r.threads is None or r.threads >= 1, "run.threads", r.threads, "None or >= 1")
+    need(r.threads in (None, "auto") or (isinstance(r.threads, int) and r.threads >= 1),
+         "run.threads", r.threads, "null, auto or >= 1")
     need(r.amp in ("none", "bf16", "fp16"), "run.amp", r.amp, "none, bf16 or fp16")
     need(1 <= r.accumulate <= d.batch_size, "run.accumulate", r.accumulate,
          f">= 1 and <= data.batch_size ({d.batch_size})")

@@ -35,7 +35,6 @@ import torch.distributed as dist
 import yaml
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 import samkit
 import samkit.optim as so
@@ -45,6 +44,8 @@ from samkit.train.checkpoint import load_checkpoint, save_checkpoint, write_json
 from samkit.train.config import Config
 from samkit.train.data import Data, make_loaders, prepare_data  # noqa: F401 (Data: a public name)
 from samkit.train.metrics import expected_calibration_error, group_accuracy, per_class_accuracy
+from samkit.train.progress import RunDisplay, is_terminal, say
+from samkit.train.records import read_metrics
 from samkit.train.schedules import lr_factor, rho_at
 
 CHECKPOINT, BEST, SUMMARY, METRICS = "checkpoint.pt", "best.pt", "summary.json", "metrics.jsonl"
@@ -62,16 +63,43 @@ class Interrupted(Exception):
         self.run_dir = run_dir
 
 
+def import_user_module(module: str) -> Any:
+    """Import the user's `module`, found among the installed packages or, failing that, in the
+    current folder, as `python -m` would find it.
+
+    The current folder is appended to the END of sys.path, and only when the module is not found
+    otherwise: a file in the folder can never shadow an installed package or the standard
+    library (a stray `torch.py` beside the data changes nothing). Importing runs the module's
+    code, as any Python import does: name only modules you trust.
+    """
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name != module.split(".")[0]:
+            raise  # the module was found; something it imports is missing
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.append(cwd)
+        importlib.invalidate_caches()
+    return importlib.import_module(module)
+
+
 def make_model(config: Config, num_classes: int, in_channels: int) -> nn.Module:
     """A model of samkit's by name, or the user's own as "package.module:factory" (called with
-    whichever of num_classes, in_channels and head it accepts)."""
+    whichever of num_classes, in_channels and head it accepts), found as import_user_module
+    finds it."""
     name = config.model.name
     if ":" not in name:
         return build_model(name, num_classes=num_classes, in_channels=in_channels,
                            head=config.model.head)
     module, _, attr = name.partition(":")
     try:
-        factory = getattr(importlib.import_module(module), attr)
+        factory = getattr(import_user_module(module), attr)
+    except ModuleNotFoundError as err:
+        raise ValueError(
+            f"model.name={name}: cannot import {module} ({err}); run samkit from the folder "
+            f"that holds {module.replace('.', '/')}.py, or add that folder to PYTHONPATH"
+        ) from None
     except (ImportError, AttributeError) as err:
         raise ValueError(f"model.name={name}: cannot import {attr} from {module} ({err})") from None
     offered = {"num_classes": num_classes, "in_channels": in_channels, "head": config.model.head}
@@ -203,28 +231,45 @@ class Trainer:
         config: the validated recipe.
         resume: continue the run found in the directory (a finished run is left as it is);
             without it an existing run directory is an error.
-        progress: show progress bars and per-epoch lines (False: quiet).
-        on_step: called after every step with (trainer, epoch, step); for tools and tests.
+        progress: show progress bars (drawn only when stderr is a terminal; elsewhere a plain
+            progress line a minute at most) with the run's estimated remaining time.
+        verbose: print a result line per epoch and messages (False, with progress=False: silent).
+        on_step: called after every step with (trainer, epoch, step), epoch the 0-based index of
+            the epoch and step the steps taken in it; for tools and tests.
+
+    Epochs are shown from 1. Stored epochs count completed epochs: the checkpoint's
+    progress["epoch"] is the number of epochs finished, and a metrics.jsonl record's "epoch" (as
+    summary.json's last/best "epoch") is the 1-based number of the epoch it closes. Run directories
+    of samkit 0.1.0, whose records count from 0, are read as such and rewritten when resumed.
     """
 
     def __init__(self, config: Config, *, resume: bool = False, progress: bool = True,
+                 verbose: bool = True,
                  on_step: Callable[[Trainer, int, int], None] | None = None) -> None:
         self.config = config
         self.resume = resume
         self.progress = progress
+        self.verbose = verbose
         self.on_step = on_step
         self.run_dir = Path(config.run.out) / config.run.name
         self.rank, self.world = 0, 1
 
     def log(self, message: str) -> None:
-        if self.progress:
-            tqdm.write(message)
+        if self.verbose:
+            say(message)
+
+    def _resume_message(self) -> str:
+        done, epochs = self.state["epoch"], self.config.schedule.epochs
+        if done >= epochs:
+            return f"resuming {self.run_dir}: all {epochs} epochs trained"
+        return (f"resuming {self.run_dir} at epoch {done + 1}/{epochs}, after step "
+                f"{self.state['step']}")
 
     # ----------------------------------------------------------------------------------------------
 
     def _setup(self) -> None:
         c = self.config
-        if c.run.threads is not None:
+        if isinstance(c.run.threads, int):  # else torch's own default (None or "auto")
             torch.set_num_threads(c.run.threads)
         if c.run.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -235,12 +280,13 @@ class Trainer:
         self.owns_group = init_distributed(self.device)
         self.rank, self.world = _world()
         self.progress = self.progress and self.rank == 0
+        self.verbose = self.verbose and self.rank == 0
         if c.data.batch_size % self.world:
             raise ValueError(
                 f"data.batch_size={c.data.batch_size} (the global batch) must be divisible by "
                 f"the {self.world} processes"
             )
-        self.data = prepare_data(c, progress=self.progress)
+        self.data = prepare_data(c, progress=self.progress and is_terminal(sys.stderr))
         self.num_classes = self.data.train.num_classes
         in_channels = self.data.in_channels
         self.model = make_model(c, self.num_classes, in_channels).to(self.device)
@@ -284,8 +330,9 @@ class Trainer:
         return [lambda xi=xi: self._forward(xi) for xi in x.chunk(k)], list(y.chunk(k))
 
     def _fresh_state(self) -> dict[str, Any]:
-        return {"epoch": 0, "step": 0, "global_step": 0, "train_time": 0.0, "seen": 0,
-                "forwards": 0,
+        # epoch: epochs completed; epoch_numbering 1: records count from 1 (older runs: from 0)
+        return {"epoch": 0, "epoch_numbering": 1, "step": 0, "global_step": 0, "train_time": 0.0,
+                "seen": 0, "forwards": 0,
                 "nonfinite": 0, "consecutive_nonfinite": 0, "best": None,
                 "loss_sum": 0.0, "correct": 0, "counted": 0}
 
@@ -316,7 +363,10 @@ class Trainer:
         self.loader.load_state_dict(ckpt["loader"])
         if self.scaler is not None and "grad_scaler" in ckpt:
             self.scaler.load_state_dict(ckpt["grad_scaler"])
+        old_numbering = "epoch_numbering" not in ckpt["progress"]  # samkit 0.1.0: from 0
         self.state = {**self._fresh_state(), **ckpt["progress"]}
+        if old_numbering and self.state["best"] is not None:
+            self.state["best"] = {**self.state["best"], "epoch": self.state["best"]["epoch"] + 1}
         if self.rank != 0:  # the epoch's running sums so far are rank 0's (reduced when saved)
             self.state.update(loss_sum=0.0, correct=0, counted=0)
         torch.set_rng_state(ckpt["rng"])
@@ -324,8 +374,8 @@ class Trainer:
             torch.cuda.set_rng_state(ckpt["cuda_rng"], self.device)
         # metrics.jsonl may hold epochs after the checkpoint (a crash after the log line)
         if self.rank == 0:
-            lines = _read_metrics(self.run_dir)
-            kept = [m for m in lines if m["epoch"] < self.state["epoch"]]
+            lines = read_metrics(self.run_dir)
+            kept = [m for m in lines if m["epoch"] <= self.state["epoch"]]
             _write_metrics(self.run_dir, kept)
 
     def _prepare_run_dir(self) -> dict[str, Any] | None:
@@ -347,8 +397,7 @@ class Trainer:
             raise error
         if ckpt is not None:
             self._restore(ckpt)
-            self.log(f"resuming {self.run_dir} at epoch {self.state['epoch']}, "
-                     f"step {self.state['step']}")
+            self.log(self._resume_message())
         return finished
 
     def _open_run_dir(self, restore: bool = True) -> dict[str, Any] | None:
@@ -370,8 +419,7 @@ class Trainer:
             if ckpt_path.exists():
                 if restore:
                     self._restore(load_checkpoint(ckpt_path, map_location=self.device))
-                    self.log(f"resuming {self.run_dir} at epoch {self.state['epoch']}, "
-                             f"step {self.state['step']}")
+                    self.log(self._resume_message())
                 return None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(
@@ -393,6 +441,7 @@ class Trainer:
                 self.log(f"{self.run_dir} is finished already")
                 return finished
             epochs = self.config.schedule.epochs
+            self.display = RunDisplay(epochs, bars=self.progress, verbose=self.verbose)
             with _stop_on_signals() as flag:
                 while self.state["epoch"] < epochs:
                     self._train_epoch(flag)
@@ -445,8 +494,7 @@ class Trainer:
         if c.run.max_steps_per_epoch is not None:
             steps = min(steps, c.run.max_steps_per_epoch)
         self.model.train()
-        bar = tqdm(total=steps, initial=st["step"], desc=f"epoch {epoch + 1}/{c.schedule.epochs}",
-                   leave=False, disable=not self.progress, unit="step")
+        self.display.start_epoch(epoch, steps, st["step"])
         start = time.perf_counter()
         loss_sum = torch.tensor(st["loss_sum"], dtype=torch.float64, device=self.device)
         correct = torch.tensor(st["correct"], dtype=torch.int64, device=self.device)
@@ -482,7 +530,7 @@ class Trainer:
                 loss_sum += out.loss.double() * len(mine)
                 correct += (out.logits.argmax(1) == mine).sum()
                 counted += len(mine)
-            bar.update(1)
+            self.display.advance()
             if self.on_step is not None:
                 self.on_step(self, epoch, st["step"])
             if st["step"] >= steps:
@@ -491,9 +539,9 @@ class Trainer:
                 st["train_time"] += time.perf_counter() - start
                 self._keep_sums(loss_sum, correct, counted)
                 self._checkpoint(self.run_dir / CHECKPOINT)
-                bar.close()
+                self.display.end_epoch()
                 raise Interrupted(self.run_dir)
-        bar.close()
+        self.display.end_epoch()
         st["train_time"] += time.perf_counter() - start
         self._keep_sums(loss_sum, correct, counted)
         if self.loader.position != 0 and st["step"] >= steps:
@@ -510,7 +558,7 @@ class Trainer:
         epoch = st["epoch"]
         counted = max(st["counted"], 1)
         record: dict[str, Any] = {
-            "epoch": epoch, "train_loss": st["loss_sum"] / counted,
+            "epoch": epoch + 1, "train_loss": st["loss_sum"] / counted,
             "train_acc": st["correct"] / counted, "lr": self.optimizer.param_groups[0]["lr"],
             "nonfinite_steps": st["nonfinite"], "train_time_s": st["train_time"],
         }
@@ -525,11 +573,11 @@ class Trainer:
         if self.rank == 0:
             _append_metrics(self.run_dir, record)
         self._checkpoint(self.run_dir / CHECKPOINT)
+        line = f"epoch {epoch + 1}/{c.schedule.epochs}: train loss {record['train_loss']:.4f}"
         if "overall" in record:
-            self.log(f"epoch {epoch + 1}/{c.schedule.epochs}: train loss "
-                     f"{record['train_loss']:.4f}, test overall {record['overall']:.4f} "
-                     f"(many {_fmt(record['many'])}, medium {_fmt(record['medium'])}, "
-                     f"few {_fmt(record['few'])})")
+            line += (f", test overall {record['overall']:.4f} (many {_fmt(record['many'])}, "
+                     f"medium {_fmt(record['medium'])}, few {_fmt(record['few'])})")
+        self.display.say(line + self.display.eta_text())
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
@@ -555,7 +603,7 @@ class Trainer:
             summary: list[Any] = [None]
             dist.broadcast_object_list(summary, src=0)
             return summary[0]
-        metrics = _read_metrics(self.run_dir)
+        metrics = read_metrics(self.run_dir)
         last = metrics[-1]
         st = self.state
         summary = {
@@ -603,13 +651,6 @@ def _num(value: float) -> float | None:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
-
-
-def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / METRICS
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _write_metrics(run_dir: Path, records: list[dict[str, Any]]) -> None:
