@@ -233,7 +233,10 @@ def test_file_list_miniature_trains_head_first(tmp_path: Path) -> None:
     assert (run / "plots" / "per_class.png").stat().st_size > 0
     with pytest.raises(ConfigError, match="data.profile must be none for filelist"):
         prepare_data(load_config(None, [*recipe, "data.profile=exp"]))
-    with pytest.raises(ConfigError, match="needs data.train_list"):
+    with pytest.raises(ConfigError, match="needs data.test_list"):
+        prepare_data(load_config(None, ["data.name=filelist", f"data.root={tmp_path}",
+                                        "data.train_list=train.txt"]))
+    with pytest.raises(ValueError, match="has no class folder with images"):  # no list: folders
         prepare_data(load_config(None, ["data.name=filelist", f"data.root={tmp_path}"]))
 
 
