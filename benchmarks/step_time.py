@@ -9,8 +9,12 @@ torch.compile); compiled-bf16 (both). One table per model and mode.
 
 For each method: the median step time divided by the median plain-SGD step time, next to the floor
 (nF tF + nB tB) / (tF + tB), where tF and tB are the median forward and backward times of the same
-model and batch, and nF, nB the method's passes. `pytorch_optimizer.SAM` (if installed) is timed in the
-same rounds. Methods are interleaved round by round, so slow drifts of the machine hit all alike.
+model and batch, and nF, nB the method's passes. `pytorch_optimizer`'s SAM, GSAM, LookSAM and
+FriendlySAM (if installed) are timed in the same rounds. Methods are interleaved round by round, so
+slow drifts of the machine hit all alike. K-SAM's passes on its k = B/4 samples count as fractions
+of a pass (its ranking forward, without a gradient, as a whole one). LookSAM's cost varies by step
+(a SAM step every k): its column is the mean, not the median, over the rounds, which should then
+be a multiple of k.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from samkit.models import build_model
 
 NUM_CLASSES = 10
 COUNTS = [int(5000 * 100 ** (-i / 9)) for i in range(NUM_CLASSES)]  # CIFAR-10-LT, ratio 100
+KSAM_FRACTION = 0.25  # K-SAM's default k = B/4
+LOOKSAM_K = 5
 
 # name -> (constructor kwargs, (forwards, backwards)); P = classes present in the batch
 METHODS: dict[str, tuple[dict, tuple[int, int]]] = {
@@ -45,7 +51,17 @@ METHODS: dict[str, tuple[dict, tuple[int, int]]] = {
     "crsam": ({}, (3, 3)),
     "ccsam": ({"class_counts": COUNTS, "s": 0.01}, (1, 1)),
     "ccsam-full": ({"class_counts": COUNTS, "s": 0.01, "form": "full"}, (-1, -1)),
+    # the efficient variants (spec/ALGORITHMS-EFFICIENT.md)
+    "msam": ({"rho": 0.3}, (1, 1)),
+    "ksam": ({"rho": 0.05}, (1 + 2 * KSAM_FRACTION, 2 * KSAM_FRACTION)),
+    "ksam-graph": ({"rho": 0.05, "graph": True}, (1 + KSAM_FRACTION, 1 + KSAM_FRACTION)),
+    "bsam": ({"rho_max": 0.05, "rho_min": 0.05}, (3, 3)),
+    "gsam": ({"rho": 0.05, "alpha": 0.4}, (2, 2)),
+    "looksam": ({"rho": 0.05, "k": LOOKSAM_K, "alpha": 0.7}, (1 + 1 / LOOKSAM_K, 1 + 1 / LOOKSAM_K)),
+    "fsam": ({"rho": 0.05, "sigma": 1.0, "lam": 0.9}, (2, 2)),
 }
+#: timed by their mean over the rounds (their cost varies by step)
+PERIODIC = {"looksam", "pytorch_optimizer.LookSAM"}
 
 
 def sync(device: torch.device) -> None:
@@ -106,9 +122,16 @@ def bench(model_name: str, mode: str, args: argparse.Namespace) -> None:
         kwargs = dict(kwargs)
         if name.startswith("ccsam") and kwargs.get("form") != "full":
             kwargs["head"] = model.head
+        if name.startswith("ksam"):
+            kwargs["model"] = model  # BN statistics from the ranking pass only
         opt = so.create(name.split("-")[0], model.parameters(), lr=1e-4, momentum=0.9, **kwargs)
         opt.set_epoch(5)
-        steps[name] = lambda opt=opt: opt.step(lambda: net(x), y)
+        if name.startswith("ksam"):  # forward only the k selected samples
+            steps[name] = lambda opt=opt: opt.step(
+                lambda index=None: net(x if index is None else x[index]), y
+            )
+        else:
+            steps[name] = lambda opt=opt: opt.step(lambda: net(x), y)
         passes[name] = (1 + present, 1 + 2 * present) if nf < 0 else (nf, nb)
     # forward and backward alone
     t_f, t_b = [], []
@@ -129,22 +152,13 @@ def bench(model_name: str, mode: str, args: argparse.Namespace) -> None:
     tf, tb = statistics.median(t_f), statistics.median(t_b)
 
     try:
-        from pytorch_optimizer import SAM as ReferenceSAM
-
-        ref = ReferenceSAM(model.parameters(), base_optimizer=torch.optim.SGD, rho=0.05,
-                           lr=1e-4, momentum=0.9)
-
-        def ref_step() -> None:
-            F.cross_entropy(net(x), y).backward()
-            ref.first_step(zero_grad=True)
-            torch.clear_autocast_cache()  # else its second pass sees the unperturbed weights
-            F.cross_entropy(net(x), y).backward()
-            ref.second_step(zero_grad=True)
-
-        steps["pytorch_optimizer.SAM"] = ref_step
-        passes["pytorch_optimizer.SAM"] = (2, 2)
+        import pytorch_optimizer  # noqa: F401
     except ImportError:
         print("pytorch_optimizer is not installed: pip install -e .[bench] to compare with it")
+    else:
+        for name, step in reference_steps(model, net, x, y).items():
+            steps[name] = step
+            passes[name] = REFERENCE_PASSES[name]
 
     times: dict[str, list[float]] = {name: [] for name in steps}
     for i in range(args.warmup + args.reps):
@@ -165,10 +179,81 @@ def bench(model_name: str, mode: str, args: argparse.Namespace) -> None:
     print("|---|---|---|---|---|---|")
     for name, ts in times.items():
         nf, nb = passes[name]
-        med = statistics.median(ts)
+        med = statistics.mean(ts) if name in PERIODIC else statistics.median(ts)
         floor = (nf * tf + nb * tb) / (tf + tb)
-        print(f"| {name} | {nf}F {nb}B | {med * 1e3:.1f} | {med / base:.2f} | {floor:.2f} | "
+        print(f"| {name} | {nf:g}F {nb:g}B | {med * 1e3:.1f} | {med / base:.2f} | {floor:.2f} | "
               f"{med / base / floor:.3f} |")
+
+
+REFERENCE_PASSES = {
+    "pytorch_optimizer.SAM": (2, 2),
+    "pytorch_optimizer.GSAM": (2, 2),
+    "pytorch_optimizer.LookSAM": (1 + 1 / LOOKSAM_K, 1 + 1 / LOOKSAM_K),
+    "pytorch_optimizer.FriendlySAM": (2, 2),
+}
+
+
+def reference_steps(
+    model: torch.nn.Module, net: Callable, x: torch.Tensor, y: torch.Tensor
+) -> dict[str, Callable[[], None]]:
+    """pytorch_optimizer's SAM, GSAM, LookSAM and FriendlySAM, each driven as its docs show, with
+    the settings of the samkit rows they are timed against (written against its 4.1.0)."""
+    import pytorch_optimizer as po
+
+    missing = [n for n in ("GSAM", "LookSAM", "FriendlySAM", "ProportionScheduler") if not hasattr(po, n)]
+    if missing:
+        raise SystemExit(f"pytorch_optimizer {po.__version__} lacks {', '.join(missing)}: "
+                         "pip install 'pytorch_optimizer>=4.1'")
+
+    def sgd(params: object) -> torch.optim.SGD:
+        return torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+
+    def loss() -> torch.Tensor:
+        return F.cross_entropy(net(x), y)
+
+    def two_step(opt: torch.optim.Optimizer) -> Callable[[], None]:
+        def step() -> None:
+            loss().backward()
+            opt.first_step(zero_grad=True)
+            torch.clear_autocast_cache()  # else its second pass sees the unperturbed weights
+            loss().backward()
+            opt.second_step(zero_grad=True)
+
+        return step
+
+    sam = po.SAM(model.parameters(), base_optimizer=torch.optim.SGD, rho=0.05, lr=1e-4,
+                 momentum=0.9)
+    fsam = po.FriendlySAM(model.parameters(), base_optimizer=torch.optim.SGD, rho=0.05, sigma=1.0,
+                          lmbda=0.9, lr=1e-4, momentum=0.9)
+    looksam = po.LookSAM(model.parameters(), base_optimizer=torch.optim.SGD, rho=0.05, k=LOOKSAM_K,
+                         alpha=0.7, lr=1e-4, momentum=0.9)
+
+    def looksam_step() -> None:
+        # its step(closure) always runs the closure; first_step/second_step skip the SAM pass
+        loss().backward()
+        if looksam.get_step() % LOOKSAM_K == 0:
+            looksam.first_step(zero_grad=True)
+            torch.clear_autocast_cache()
+            loss().backward()
+        looksam.second_step(zero_grad=True)
+
+    base = sgd(model.parameters())
+    lr_schedule = torch.optim.lr_scheduler.StepLR(base, step_size=10**9)
+    rho_schedule = po.ProportionScheduler(lr_schedule, max_lr=1e-4, max_value=0.05, min_value=0.05)
+    gsam = po.GSAM(model.parameters(), base_optimizer=base, model=model, rho_scheduler=rho_schedule,
+                   alpha=0.4)
+
+    def gsam_step() -> None:
+        gsam.set_closure(lambda logits, targets: F.cross_entropy(logits, targets), x, y)
+        gsam.step()
+        torch.clear_autocast_cache()
+
+    return {
+        "pytorch_optimizer.SAM": two_step(sam),
+        "pytorch_optimizer.GSAM": gsam_step,
+        "pytorch_optimizer.LookSAM": looksam_step,
+        "pytorch_optimizer.FriendlySAM": two_step(fsam),
+    }
 
 
 if __name__ == "__main__":

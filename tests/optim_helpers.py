@@ -90,3 +90,47 @@ def assert_same_model(a: nn.Module, b: nn.Module, atol: float = 1e-10, rtol: flo
     assert sa.keys() == sb.keys()
     for key in sa:
         torch.testing.assert_close(sa[key], sb[key], atol=atol, rtol=rtol, msg=key)
+
+
+# ---- the efficient variants: settings and reference steps, merged into test_optim_reference.METHODS
+# and test_optim_contract.SETTINGS. name -> (samkit name, kwargs, reference step(model, opt, x, y, t)).
+def _efficient_methods() -> dict:
+    import reference as ref
+
+    return {
+        "msam": ("msam", {"rho": 0.5}, lambda m, o, x, y, t: ref.msam(m, o, x, y)),
+        "ksam": (
+            "ksam",
+            {"rho": 0.1, "fraction": 0.25},
+            lambda m, o, x, y, t: ref.ksam(m, o, x, y, k=len(y) // 4, subset=False),
+        ),
+        "bsam": (
+            "bsam",
+            {"rho_max": 0.1, "rho_min": 0.05},
+            lambda m, o, x, y, t: ref.bsam(m, o, x, y),
+        ),
+        "gsam": (
+            "gsam",
+            {"rho": 0.1, "rho_min": 0.02, "alpha": 0.3, "lr_max": 0.2, "lr_min": 0.0},
+            lambda m, o, x, y, t: ref.gsam(m, o, x, y, alpha=0.3),
+        ),
+        "looksam": (
+            "looksam",
+            {"rho": 0.3, "k": 2, "alpha": 0.7},
+            lambda m, o, x, y, t: ref.looksam(m, o, x, y, k=2, alpha=0.7),
+        ),
+        "fsam": (
+            "fsam",
+            {"rho": 0.1, "sigma": 1.0, "lam": 0.6},
+            lambda m, o, x, y, t: ref.fsam(m, o, x, y, sigma=1.0, lam=0.6),
+        ),
+    }
+
+
+EFFICIENT_METHODS = _efficient_methods()
+#: the group keys the reference optimizers of these methods read
+EFFICIENT_GROUP_KEYS = ("rho_max", "rho_min", "lr_max", "lr_min")
+#: methods whose optimizer takes the model (K-SAM: BN statistics from the ranking pass only)
+NEEDS_MODEL = {"ksam"}
+#: constructor settings for the contract tests (test_optim_contract.SETTINGS)
+EFFICIENT_SETTINGS = {name: dict(kwargs) for name, (_, kwargs, _) in EFFICIENT_METHODS.items()}

@@ -33,16 +33,21 @@ def params_of(opt):
     return [p for group in opt.param_groups for p in group["params"]]
 
 
-def unit_perturbation(opt, gs, key="rho", adaptive=False, eta=0.0):
-    """e_p = rho_group * g_p / (||g|| + 1e-12), or ASAM's rho T^2 g / ||T g||."""
+def unit_perturbation(opt, gs, key="rho", adaptive=False, eta=0.0, scaled=None):
+    """e_p = rho_group * g_p / (||g|| + 1e-12), or ASAM's rho T^2 g / ||T g||, where T_p = |w_p| + eta
+    for the parameters p with scaled[p] (all by default) and T_p = 1 for the others."""
     out = []
     if adaptive:
-        tg = [(p.detach().abs() + eta) * g for p, g in zip(params_of(opt), gs)]
+        params = params_of(opt)
+        if scaled is None:
+            scaled = [True] * len(params)
+        ts = [p.detach().abs() + eta if on else 1.0 for p, on in zip(params, scaled)]
+        tg = [t * g for t, g in zip(ts, gs)]
         n = global_norm(tg)
         k = 0
         for group in opt.param_groups:
-            for p in group["params"]:
-                out.append(group[key] * (p.detach().abs() + eta) * tg[k] / (n + 1e-12))
+            for _ in group["params"]:
+                out.append(group[key] * ts[k] * tg[k] / (n + 1e-12))
                 k += 1
         return out
     n = global_norm(gs)
@@ -92,28 +97,33 @@ def plain(model, opt, x, y):
     finish(opt, grad_of(ce(model(x), y).mean(), params))
 
 
-def sam(model, opt, x, y, adaptive=False, eta=0.0, freeze=False):
+def sam(model, opt, x, y, adaptive=False, eta=0.0, freeze=False, scaled=None):
     params = params_of(opt)
     g = grad_of(ce(model(x), y).mean(), params)
     with At(
         params,
-        unit_perturbation(opt, g, adaptive=adaptive, eta=eta),
+        unit_perturbation(opt, g, adaptive=adaptive, eta=eta, scaled=scaled),
         freeze=model if freeze else None,
     ):
         g_adv = grad_of(ce(model(x), y).mean(), params)
     finish(opt, g_adv)
 
 
-def imbsam(model, opt, x, y, counts, eta=20, kappa=1.0, key="rho"):
+def imbsam(model, opt, x, y, counts, eta=20, kappa=1.0, key="rho", average="batch"):
+    """average "batch": both group losses divided by B; "group": the head loss is the mean over the
+    batch's head samples, the tail loss the mean over its tail samples (0 for an absent group)."""
     params = params_of(opt)
     tail_classes = [c for c, n in enumerate(counts) if n < eta]
     is_tail = torch.tensor([float(int(v) in tail_classes) for v in y], dtype=x.dtype)
     losses = ce(model(x), y)
-    b = len(y)
-    g_head = grad_of(((1 - is_tail) * losses).sum() / b, params, retain=True)
-    g_tail = grad_of((is_tail * losses).sum() / b, params)
+    n_tail = int(is_tail.sum())
+    n_head = len(y) - n_tail
+    b_head = max(n_head, 1) if average == "group" else len(y)
+    b_tail = max(n_tail, 1) if average == "group" else len(y)
+    g_head = grad_of(((1 - is_tail) * losses).sum() / b_head, params, retain=True)
+    g_tail = grad_of((is_tail * losses).sum() / b_tail, params)
     with At(params, unit_perturbation(opt, g_tail, key=key)):
-        g_tail_adv = grad_of(kappa * (is_tail * ce(model(x), y)).sum() / b, params)
+        g_tail_adv = grad_of(kappa * (is_tail * ce(model(x), y)).sum() / b_tail, params)
     finish(opt, [a + c for a, c in zip(g_head, g_tail_adv)])
 
 
@@ -162,21 +172,36 @@ def bisam_q(logits, y, bound, mu, alpha):
     return torch.stack(rows)
 
 
-def bisam(model, opt, x, y, bound="log", mu=1.0, alpha=0.1):
+def bisam_smoothed_ce(logits, y, s=0.1):
+    """The BiSAM authors' descent loss: 1 - s on the target, s / (K - 1) on each other class."""
+    k = logits.shape[1]
+    log_p = torch.log_softmax(logits, dim=1)
+    rows = []
+    for i in range(logits.shape[0]):
+        target = torch.zeros(k, dtype=logits.dtype)
+        for j in range(k):
+            target[j] = 1 - s if j == int(y[i]) else s / (k - 1)
+        rows.append(-(target * log_p[i]).sum())
+    return torch.stack(rows)
+
+
+def bisam(model, opt, x, y, bound="log", mu=1.0, alpha=0.1, descent=ce):
     params = params_of(opt)
     g_q = grad_of(bisam_q(model(x), y, bound, mu, alpha).mean(), params)
     with At(params, unit_perturbation(opt, g_q)):
-        g = grad_of(ce(model(x), y).mean(), params)
+        g = grad_of(descent(model(x), y).mean(), params)
     finish(opt, g)
 
 
-def crsam(model, opt, x, y, a, b):
+def crsam(model, opt, x, y, a, b, stats="update"):
+    """stats: "update" (every pass updates the running statistics), "freeze" (both perturbed
+    passes restored), "authors" (the pass at w + e restored, the one at w - e updates them)."""
     params = params_of(opt)
     g0 = grad_of(ce(model(x), y).mean(), params)
     e = unit_perturbation(opt, g0)
-    with At(params, e, +1.0):
+    with At(params, e, +1.0, freeze=None if stats == "update" else model):
         gp = grad_of(ce(model(x), y).mean(), params)
-    with At(params, e, -1.0):
+    with At(params, e, -1.0, freeze=model if stats == "freeze" else None):
         gm = grad_of(ce(model(x), y).mean(), params)
     finish(opt, [p + a * (p + m - 2 * z) + b * (p - m) for p, m, z in zip(gp, gm, g0)])
 
@@ -185,7 +210,10 @@ def _rho_c(w_norm, g_norm, k, n_c):
     return math.sqrt(w_norm / (2 * (g_norm + 1e-12))) * k**-0.25 * (n_c - 1) ** -0.25
 
 
-def ccsam_classifier(model, opt, x, y, counts, s, beta):
+def ccsam_classifier(model, opt, x, y, counts, s, beta, variant="authors"):
+    """variant "authors": g_c from class c's mean loss over its samples in the batch, the weight and
+    bias perturbations each divided by its own norm; "joint": g_c from class c's loss summed over
+    the batch and divided by B, one norm over weight and bias together."""
     params = params_of(opt)
     head = model.head
     f = model.features(x)
@@ -197,10 +225,14 @@ def ccsam_classifier(model, opt, x, y, counts, s, beta):
     e = {}
     for c in range(len(counts)):
         mask = (y == c).to(x.dtype)
-        g_c = grad_of((mask * losses).sum() / b, weights, retain=True)
+        divisor = max(int(mask.sum()), 1) if variant == "authors" else b
+        g_c = grad_of((mask * losses).sum() / divisor, weights, retain=True)
         n = global_norm(g_c)
         rho = _rho_c(w_norm, n, k, counts[c])
-        e[c] = [s * math.sqrt(k) * rho * g / (n + 1e-12) for g in g_c]
+        if variant == "authors":
+            e[c] = [s * math.sqrt(k) * rho * g / (global_norm([g]) + 1e-12) for g in g_c]
+        else:
+            e[c] = [s * math.sqrt(k) * rho * g / (n + 1e-12) for g in g_c]
     perturbed = []
     for i in range(b):
         ew, eb = e[int(y[i])]
@@ -231,3 +263,146 @@ def ccsam_full(model, opt, x, y, counts, s, beta):
             g = grad_of(beta * (mask * ce(model(x), y)).sum() / b, params)
         final = [a + d for a, d in zip(final, g)]
     finish(opt, final)
+
+
+# ---- the efficient variants (spec/ALGORITHMS-EFFICIENT.md) ---------------------------------------
+# Stateful methods keep their state on the reference optimizer object, in `opt.ref_state`.
+
+
+def ref_state(opt):
+    if not hasattr(opt, "ref_state"):
+        opt.ref_state = {}
+    return opt.ref_state
+
+
+def dot(a, b):
+    return sum(float((x.double() * y.double()).sum()) for x, y in zip(a, b))
+
+
+class FrozenStats:
+    """Restore the model's BatchNorm running statistics on exit."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.saved = {
+            k: v.clone()
+            for k, v in self.model.state_dict().items()
+            if "running" in k or "num_batches" in k
+        }
+
+    def __exit__(self, *exc):
+        self.model.load_state_dict(self.saved, strict=False)
+
+
+def msam(model, opt, x, y, decay_at="w"):
+    """The model holds w~ = w - s v; s stored per group, v the base's momentum (or Adam's m)."""
+    params = params_of(opt)
+    state = ref_state(opt)
+    key = "momentum_buffer" if isinstance(opt, torch.optim.SGD) else "exp_avg"
+    g = grad_of(ce(model(x), y).mean(), params)
+    wds = [group["weight_decay"] for group in opt.param_groups]
+    if decay_at == "perturbed":
+        g = [gi + wds[0] * p.detach() for gi, p in zip(g, params)]
+        opt.param_groups[0]["weight_decay"] = 0.0
+    scales = state.get("s", [0.0] * len(opt.param_groups))
+    with torch.no_grad():
+        for group, s in zip(opt.param_groups, scales):
+            for p in group["params"]:
+                v = opt.state.get(p, {}).get(key)
+                if v is not None:
+                    p.add_(s * v)
+    finish(opt, g)
+    opt.param_groups[0]["weight_decay"] = wds[0]
+    norm = global_norm([opt.state[p][key] for p in params])
+    state["s"] = [group["rho"] / (norm + 1e-12) for group in opt.param_groups]
+    with torch.no_grad():
+        for group, s in zip(opt.param_groups, state["s"]):
+            for p in group["params"]:
+                p.sub_(s * opt.state[p][key])
+
+
+def ksam(model, opt, x, y, k, subset=True, graph=False):
+    """SAM on the top-k losses; BN statistics updated by the ranking forward only."""
+    params = params_of(opt)
+    if graph:
+        losses = ce(model(x), y)
+    else:
+        with torch.no_grad():
+            losses = ce(model(x), y)
+    top = torch.topk(losses.detach(), k).indices
+
+    def loss_on_top():
+        if subset:
+            return ce(model(x[top]), y[top]).sum() / k
+        return ce(model(x), y)[top].sum() / k
+
+    with FrozenStats(model):
+        g = grad_of(losses[top].sum() / k, params) if graph else grad_of(loss_on_top(), params)
+        with At(params, unit_perturbation(opt, g)):
+            g_p = grad_of(loss_on_top(), params)
+    finish(opt, g_p)
+
+
+def bsam(model, opt, x, y, min_scale="norm_ratio"):
+    params = params_of(opt)
+    g0 = grad_of(ce(model(x), y).mean(), params)
+    with At(params, unit_perturbation(opt, g0, key="rho_max")):
+        g_max = grad_of(ce(model(x), y).mean(), params)
+    with At(params, unit_perturbation(opt, g0, key="rho_min"), -1.0):
+        g_min = grad_of(ce(model(x), y).mean(), params)
+    r = global_norm(g_max) / (global_norm(g_min) + 1e-12) if min_scale == "norm_ratio" else 1.0
+    finish(opt, [a + b - r * c for a, b, c in zip(g_max, g0, g_min)])
+
+
+def gsam(model, opt, x, y, alpha):
+    params = params_of(opt)
+    rho_t = []  # per parameter: its group's radius at the group's lr
+    for group in opt.param_groups:
+        frac = (group["lr"] - group["lr_min"]) / (group["lr_max"] - group["lr_min"])
+        rho = group["rho_min"] + (group["rho"] - group["rho_min"]) * frac
+        rho_t += [rho] * len(group["params"])
+    g = grad_of(ce(model(x), y).mean(), params)
+    n = global_norm(g)
+    with At(params, [r * gi / (n + 1e-12) for r, gi in zip(rho_t, g)]):
+        g_p = grad_of(ce(model(x), y).mean(), params)
+    coef = dot(g, g_p) / (dot(g_p, g_p) + 1e-12)
+    g_perp = [a - coef * b for a, b in zip(g, g_p)]
+    finish(opt, [b - alpha * c for b, c in zip(g_p, g_perp)])
+
+
+def looksam(model, opt, x, y, k, alpha):
+    params = params_of(opt)
+    state = ref_state(opt)
+    t = state.get("t", 0)
+    g = grad_of(ce(model(x), y).mean(), params)
+    if t % k == 0:
+        with At(params, unit_perturbation(opt, g)):
+            g_s = grad_of(ce(model(x), y).mean(), params)
+        coef = dot(g_s, g) / max(dot(g, g), 1e-300)
+        state["g_v"] = [a - coef * b for a, b in zip(g_s, g)]
+        d = g_s
+    else:
+        ratio = alpha * global_norm(g) / (global_norm(state["g_v"]) + 1e-12)
+        d = [a + ratio * v for a, v in zip(g, state["g_v"])]
+    state["t"] = t + 1
+    finish(opt, d)
+
+
+def fsam(model, opt, x, y, sigma, lam, ema_order="code"):
+    params = params_of(opt)
+    state = ref_state(opt)
+    g = grad_of(ce(model(x), y).mean(), params)
+    m_old = state.get("m")
+    if ema_order == "code":
+        d = g if m_old is None else [a - sigma * m for a, m in zip(g, m_old)]
+        m_new = g if m_old is None else [lam * m + (1 - lam) * a for a, m in zip(g, m_old)]
+    else:
+        m_old = m_old or [torch.zeros_like(a) for a in g]
+        m_new = [lam * m + (1 - lam) * a for a, m in zip(g, m_old)]
+        d = [a - sigma * m for a, m in zip(g, m_new)]
+    state["m"] = m_new
+    with At(params, unit_perturbation(opt, d)):
+        g_adv = grad_of(ce(model(x), y).mean(), params)
+    finish(opt, g_adv)

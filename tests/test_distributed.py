@@ -52,6 +52,23 @@ def train_all(rank: int) -> dict:
                 xr = shard(x, rank)
                 opt.step(lambda xr=xr, ddp=ddp: ddp(xr), shard(y, rank))
             results[method, sync] = model.state_dict()
+    # K-SAM with a closure that forwards only the selected samples: each process its share of the
+    # global top k
+    model = make_model("mlp")
+    ddp = DistributedDataParallel(model)
+    opt = build("ksam", model, "sgd", model=ddp)
+    for x, y in batches("mlp", STEPS, batch=BATCH):
+        xr = shard(x, rank)
+        opt.step(lambda index=None, xr=xr: ddp(xr if index is None else xr[index]), shard(y, rank))
+    results["ksam-index"] = model.state_dict()
+    # ... and a process holding none of them still joins the averages (with zero gradients)
+    model = make_model("mlp")
+    ddp = DistributedDataParallel(model)
+    opt = build("ksam", model, "sgd", model=ddp, k=2)
+    for x, y in lopsided_batches():
+        xr = shard(x, rank)
+        opt.step(lambda index=None, xr=xr: ddp(xr if index is None else xr[index]), shard(y, rank))
+    results["ksam-empty"] = model.state_dict()
     try:  # without model=, a distributed step is refused
         so.SAM(make_model("mlp").parameters(), lr=0.1).step(lambda: None, shard(y, rank))
     except ValueError as err:
@@ -97,22 +114,52 @@ def test_synchronised_ascent_equals_one_process_on_the_whole_batch(distributed, 
 def test_per_process_ascent_equals_its_reference(distributed, method) -> None:
     """Each process takes its method's step gradient on its own shard (its own ascent); the base
     steps once with their average."""
+    got = make_model("mlp")
+    got.load_state_dict(distributed[method, False])
+    sync = make_model("mlp")
+    sync.load_state_dict(distributed[method, True])
+    if method == "msam":  # no ascent pass: nothing for the option to change
+        assert_same_model(got, sync, atol=0, rtol=0)
+        return
     twin = make_model("mlp")
     opt = reference_optimizer(method, twin, "sgd")
-    capture = Capture(opt)
+    captures = [Capture(opt) for _ in range(WORLD)]  # each process keeps its own method state
     for t, (x, y) in enumerate(batches("mlp", STEPS, batch=BATCH)):
         per_rank = []
-        for rank in range(WORLD):
+        for rank, capture in enumerate(captures):
             METHODS[method][2](twin, capture, shard(x, rank), shard(y, rank), t)
             per_rank.append(capture.grads)
         ref.finish(opt, [sum(gs) / WORLD for gs in zip(*per_rank)])
-    got = make_model("mlp")
-    got.load_state_dict(distributed[method, False])
     assert_same_model(got, twin)
     if method != "plain":  # the two options differ: the test can tell them apart
-        sync = make_model("mlp")
-        sync.load_state_dict(distributed[method, True])
         assert not torch.allclose(sync.head.weight, got.head.weight, atol=1e-8)
+
+
+def lopsided_batches() -> list:
+    """Batches whose high losses all sit in the first process's shard (inputs x 20 there, 0 in
+    the second: every second-shard sample has the same moderate loss)."""
+    out = []
+    for x, y in batches("mlp", STEPS, batch=BATCH):
+        x = x.clone()
+        x[: BATCH // WORLD] *= 20
+        x[BATCH // WORLD :] = 0
+        out.append((x, y))
+    return out
+
+
+@pytest.mark.parametrize("case,k", [("ksam-index", BATCH // 4), ("ksam-empty", 2)])
+def test_ksam_index_closures_take_the_global_top_k(distributed, case: str, k: int) -> None:
+    twin = make_model("mlp")
+    opt = reference_optimizer("ksam", twin, "sgd")
+    data = lopsided_batches() if case == "ksam-empty" else batches("mlp", STEPS, batch=BATCH)
+    for x, y in data:
+        if case == "ksam-empty":
+            losses = ref.ce(twin(x), y)
+            assert set(torch.topk(losses, k).indices.tolist()) < set(range(BATCH // WORLD))
+        ref.ksam(twin, opt, x, y, k=k, subset=True)
+    got = make_model("mlp")
+    got.load_state_dict(distributed[case])
+    assert_same_model(got, twin)
 
 
 def test_a_distributed_step_without_the_model_is_refused(distributed) -> None:

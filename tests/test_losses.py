@@ -16,6 +16,7 @@ from samkit.losses import (
     CrossEntropy,
     LogitAdjusted,
     PerSampleLoss,
+    SmoothedCrossEntropy,
     VSLoss,
     available_losses,
     build_loss,
@@ -41,10 +42,13 @@ def labels() -> torch.Tensor:
     return torch.tensor(LABELS)
 
 
-def assert_matches(actual: torch.Tensor, expected: list[float], rtol: float = 1e-6) -> None:
+def assert_matches(actual: torch.Tensor, expected: list[float]) -> None:
+    """Equal to the python-math values: to 1e-12 for float64 results (every constant of a loss is
+    computed in the logits' dtype, so float64 losses are exact to rounding), 1e-6 otherwise."""
     assert actual.shape == (len(expected),)
+    tol = 1e-12 if actual.dtype == torch.float64 else 1e-6
     torch.testing.assert_close(
-        actual, torch.tensor(expected, dtype=actual.dtype), rtol=rtol, atol=1e-6
+        actual, torch.tensor(expected, dtype=actual.dtype), rtol=tol, atol=tol
     )
 
 
@@ -117,6 +121,54 @@ def test_vs_matches_python_math() -> None:
         ]
         expected.append(ref_ce(adjusted, y))
     assert_matches(VSLoss(COUNTS, gamma=gamma, tau=tau)(logits64(), labels()), expected)
+
+
+def test_smoothed_ce_matches_python_math() -> None:
+    """The BiSAM authors' smoothing: 1 - s on the target, s / (C - 1) on each other class."""
+    for s in (0.0, 0.1, 0.5):
+        expected = []
+        for u, y in zip(LOGITS, LABELS):
+            others = [ref_ce(u, c) for c in range(3) if c != y]
+            expected.append((1 - s) * ref_ce(u, y) + s / 2 * sum(others))
+        assert_matches(SmoothedCrossEntropy(s)(logits64(), labels()), expected)
+    assert build_loss("bisam-ce").smoothing == 0.1
+
+
+def test_smoothed_ce_is_not_torch_label_smoothing() -> None:
+    z, y = random_batch()
+    ours = SmoothedCrossEntropy(0.1)(z, y)
+    torch_style = CrossEntropy(label_smoothing=0.1)(z, y)
+    assert (ours - torch_style).abs().max() > 1e-3
+    # torch's s/C on every class is ours with s' = s (C - 1) / C on the other classes
+    torch.testing.assert_close(
+        SmoothedCrossEntropy(0.1 * 2 / 3)(z, y), torch_style, rtol=1e-12, atol=1e-12
+    )
+
+
+def test_smoothed_ce_needs_two_classes() -> None:
+    with pytest.raises(ValueError, match="at least 2 classes, got 1"):
+        SmoothedCrossEntropy()(torch.zeros(2, 1), torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match="smoothing must be <= 1"):
+        SmoothedCrossEntropy(1.5)
+
+
+@pytest.mark.parametrize("name", ["ce-weighted", "ldam-drw", "la", "balanced-softmax", "vs"])
+def test_float64_logits_use_float64_constants(name: str) -> None:
+    """A loss built for float32 devices still gives float64 logits float64 constants: equal to
+    the same loss whose buffers hold the float64 values (not float32 ones widened)."""
+    loss = CrossEntropy(weight=[0.3, 1.0 / 3.0, 2.7]) if name == "ce-weighted" else build_loss(
+        name, COUNTS
+    )
+    loss.set_epoch(LDAM_DRW_EPOCH)
+    z, y = random_batch()
+    exact = {k: v.clone() for k, v in loss._exact.items()}
+    widened = {k: b.double() for k, b in loss.named_buffers()}
+    assert any(not torch.equal(exact[k], widened[k]) for k in exact)  # float32 loses digits
+    out = loss(z, y)
+    for k, v in exact.items():  # the float64 values, used as the buffers
+        setattr(loss, k, v)
+    loss._exact.clear()
+    torch.testing.assert_close(out, loss(z, y), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------- identities
@@ -289,7 +341,17 @@ def test_inputs_are_not_modified() -> None:
 
 def test_build_loss_names_and_classes() -> None:
     assert available_losses() == sorted(
-        ["ce", "ldam", "ldam-drw", "la", "logit-adjusted", "balanced-softmax", "vs"]
+        [
+            "ce",
+            "ldam",
+            "ldam-drw",
+            "la",
+            "logit-adjusted",
+            "balanced-softmax",
+            "vs",
+            "smoothed-ce",
+            "bisam-ce",
+        ]
     )
     kinds = {
         "ce": CrossEntropy,
@@ -299,6 +361,8 @@ def test_build_loss_names_and_classes() -> None:
         "logit-adjusted": LogitAdjusted,
         "balanced-softmax": BalancedSoftmax,
         "vs": VSLoss,
+        "smoothed-ce": SmoothedCrossEntropy,
+        "bisam-ce": SmoothedCrossEntropy,
     }
     for name, kind in kinds.items():
         loss = build_loss(name, COUNTS)

@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 import reference as ref
 import torch
-from optim_helpers import BASES, COUNTS, assert_same_model, batches, clone, make_model
+from optim_helpers import (
+    BASES,
+    COUNTS,
+    EFFICIENT_GROUP_KEYS,
+    EFFICIENT_METHODS,
+    NEEDS_MODEL,
+    assert_same_model,
+    batches,
+    clone,
+    make_model,
+)
 
 import samkit.optim as so
 
@@ -25,6 +35,11 @@ METHODS = {
         "imbsam",
         {"rho": 0.1, "class_counts": COUNTS, "kappa": 2.0},
         lambda m, o, x, y, t: ref.imbsam(m, o, x, y, COUNTS, eta=20, kappa=2.0),
+    ),
+    "imbsam-group": (
+        "imbsam",
+        {"rho": 0.1, "class_counts": COUNTS, "kappa": 2.0, "average": "group"},
+        lambda m, o, x, y, t: ref.imbsam(m, o, x, y, COUNTS, eta=20, kappa=2.0, average="group"),
     ),
     "focalsam": (
         "focalsam",
@@ -70,6 +85,7 @@ METHODS = {
         lambda m, o, x, y, t: ref.ccsam_full(m, o, x, y, COUNTS, 0.05, 0.3),
     ),
 }
+METHODS.update(EFFICIENT_METHODS)
 
 
 def build(method: str, net, base: str, **extra):
@@ -79,6 +95,8 @@ def build(method: str, net, base: str, **extra):
     kwargs = {**kwargs, **extra}
     if name == "ccsam" and kwargs.get("form", "classifier") == "classifier":
         kwargs["head"] = net.head
+    if name in NEEDS_MODEL:
+        kwargs.setdefault("model", net)
     return so.create(name, net.parameters(), base=base_cls, **kwargs, **base_kwargs)
 
 
@@ -91,6 +109,7 @@ def reference_optimizer(method: str, model, base: str):
         "rho": kwargs.get("rho", 0.0),
         "rho_head": kwargs.get("rho_head", 0.0),
         "rho_tail": kwargs.get("rho_tail", 0.0),
+        **{key: kwargs[key] for key in EFFICIENT_GROUP_KEYS if key in kwargs},
     }
     return base_cls([group], **base_kwargs)
 

@@ -222,7 +222,8 @@ def test_cli_methods_lists_every_optimizer(capsys: pytest.CaptureFixture) -> Non
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert [line.split()[0] for line in out.splitlines()] == [
-        "asam", "bisam", "ccsam", "crsam", "focalsam", "imbsam", "plain", "sam", "ssesam"]
+        "asam", "bisam", "bsam", "ccsam", "crsam", "focalsam", "fsam", "gsam", "imbsam", "ksam",
+        "looksam", "msam", "plain", "sam", "ssesam"]
 
 
 def test_a_users_own_model_trains(tmp_path: Path) -> None:

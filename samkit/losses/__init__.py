@@ -18,6 +18,7 @@ from samkit.losses.classification import (
     CrossEntropy,
     LogitAdjusted,
     PerSampleLoss,
+    SmoothedCrossEntropy,
     VSLoss,
     as_class_counts,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "CrossEntropy",
     "LogitAdjusted",
     "PerSampleLoss",
+    "SmoothedCrossEntropy",
     "VSLoss",
     "as_class_counts",
     "available_losses",
@@ -53,6 +55,8 @@ _REGISTRY: dict[str, tuple[Callable[..., PerSampleLoss], bool]] = {
     "logit-adjusted": (LogitAdjusted, True),
     "balanced-softmax": (BalancedSoftmax, True),
     "vs": (VSLoss, True),
+    "smoothed-ce": (SmoothedCrossEntropy, False),
+    "bisam-ce": (SmoothedCrossEntropy, False),
 }
 
 
@@ -70,11 +74,12 @@ def build_loss(
 
     Args:
         name: ``"ce"``, ``"ldam"``, ``"ldam-drw"`` (LDAM with ``drw_epoch=160`` unless given),
-            ``"la"`` or ``"logit-adjusted"``, ``"balanced-softmax"``, ``"vs"``.
-        class_counts: training-set count of each class; required by every loss except ``"ce"``, which
-            ignores it (so a harness can pass the counts to any loss).
+            ``"la"`` or ``"logit-adjusted"``, ``"balanced-softmax"``, ``"vs"``, ``"smoothed-ce"``
+            or ``"bisam-ce"`` (the BiSAM authors' label smoothing, ``smoothing=0.1``).
+        class_counts: training-set count of each class; required by every loss except ``"ce"`` and
+            ``"smoothed-ce"``, which ignore it (so a harness can pass the counts to any loss).
         **kwargs: the loss's own options (``tau``, ``max_m``, ``s``, ``drw_epoch``, ``beta``, ``gamma``,
-            ``label_smoothing``, ``weight``).
+            ``label_smoothing``, ``weight``, ``smoothing``).
 
     Raises:
         ValueError: for an unknown name (the message lists the valid ones), missing class counts for a

@@ -20,10 +20,16 @@ Notation: ``z`` the logits, ``n_c`` the training-set count of class ``c`` (given
 * :class:`VSLoss`: ``CE(z * (n / n_max)^gamma + tau log pi, y)``; Kini et al., NeurIPS 2021,
   "Label-Imbalanced and Group-Sensitive Classification under Overparameterization" (vector scaling).
 
+* :class:`SmoothedCrossEntropy`: ``-(1 - s) log p_y - s/(C - 1) sum_{j != y} log p_j``, the label
+  smoothing of the BiSAM authors' code (Xie et al., ICML 2024), which differs from torch's
+  ``label_smoothing`` (``s / C`` on every class, the target included).
+
 Every loss has ``set_epoch(epoch)`` so a training loop can call it on any loss; only LDAM's DRW uses it.
-Class-dependent constants (log-priors, margins, weights) are registered buffers, so ``.to(device)``
-moves them. Arithmetic runs in the logits' dtype; float16 and bfloat16 logits are computed in float32
-and the losses come back in float32, as ``torch.autocast`` does for ``cross_entropy``.
+Class-dependent constants (log-priors, margins, weights) are registered float32 buffers, so
+``.to(device)`` moves them; they are computed in float64 once and applied in the logits' dtype (float64
+logits get the float64 values, not float32 ones widened). Arithmetic runs in the logits' dtype; float16
+and bfloat16 logits are computed in float32 and the losses come back in float32, as ``torch.autocast``
+does for ``cross_entropy``.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ __all__ = [
     "CrossEntropy",
     "LogitAdjusted",
     "PerSampleLoss",
+    "SmoothedCrossEntropy",
     "VSLoss",
 ]
 
@@ -114,6 +121,8 @@ class PerSampleLoss(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.epoch = 0
+        self._exact: dict[str, torch.Tensor] = {}  # float64 CPU values of the constant buffers
+        self._exact_on: dict[tuple[str, torch.device], torch.Tensor] = {}
 
     def set_epoch(self, epoch: int) -> None:
         """Tell the loss which epoch (0-based) starts; a no-op except for schedules such as DRW."""
@@ -162,15 +171,24 @@ class PerSampleLoss(nn.Module):
         """Compute the per-sample losses on validated inputs; implemented by subclasses."""
         raise NotImplementedError
 
-    @staticmethod
-    def _like(buffer: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """A constant buffer in the logits' dtype and on their device (a no-op when it already is)."""
-        return buffer.to(device=z.device, dtype=z.dtype)
+    def _constant(self, name: str, values: torch.Tensor | None) -> None:
+        """Register constants computed in float64 as a float32 buffer `name` (float64 is missing on
+        some devices), keeping the float64 values for float64 logits."""
+        if values is None:
+            self.register_buffer(name, None)
+            return
+        self._exact[name] = values.detach().to("cpu", torch.float64)
+        self.register_buffer(name, values.to(torch.float32))
 
-
-def _float_buffer(values: torch.Tensor) -> torch.Tensor:
-    """Store constants computed in float64 as float32 buffers (float64 is missing on some devices)."""
-    return values.to(torch.float32)
+    def _like(self, name: str, z: torch.Tensor) -> torch.Tensor:
+        """The constant `name` in the logits' dtype and on their device: from the float64 values
+        for float64 logits (moved once per device), from the buffer otherwise."""
+        if z.dtype == torch.float64 and name in self._exact:
+            key = (name, z.device)
+            if key not in self._exact_on:
+                self._exact_on[key] = self._exact[name].to(z.device)
+            return self._exact_on[key]
+        return getattr(self, name).to(device=z.device, dtype=z.dtype)
 
 
 class CrossEntropy(PerSampleLoss):
@@ -207,10 +225,10 @@ class CrossEntropy(PerSampleLoss):
                 )
         super().__init__(None if weights is None else weights.numel())
         self.label_smoothing = smoothing
-        self.register_buffer("weight", None if weights is None else _float_buffer(weights))
+        self._constant("weight", weights)
 
     def per_sample(self, z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        weight = None if self.weight is None else self._like(self.weight, z)
+        weight = None if self.weight is None else self._like("weight", z)
         return F.cross_entropy(
             z, target, weight=weight, reduction="none", label_smoothing=self.label_smoothing
         )
@@ -267,8 +285,8 @@ class LDAM(PerSampleLoss):
         margins = self.max_m * inverse_quartic_root / inverse_quartic_root.max()
         weights = (1.0 - self.beta) / (1.0 - torch.pow(self.beta, n))
         weights = weights / weights.sum() * len(counts)
-        self.register_buffer("margins", _float_buffer(margins))
-        self.register_buffer("drw_weights", _float_buffer(weights))
+        self._constant("margins", margins)
+        self._constant("drw_weights", weights)
         self.set_epoch(0)
 
     @property
@@ -284,9 +302,9 @@ class LDAM(PerSampleLoss):
         return torch.ones_like(self.drw_weights)
 
     def per_sample(self, z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        margin = self._like(self.margins, z)[target]
+        margin = self._like("margins", z)[target]
         shifted = z - F.one_hot(target, z.shape[1]).to(z.dtype) * margin.unsqueeze(1)
-        weight = self._like(self.drw_weights, z) if self.drw_active else None
+        weight = self._like("drw_weights", z) if self.drw_active else None
         return F.cross_entropy(self.s * shifted, target, weight=weight, reduction="none")
 
     def extra_repr(self) -> str:
@@ -312,10 +330,10 @@ class LogitAdjusted(PerSampleLoss):
         super().__init__(len(counts))
         self.tau = _check_real("tau", tau, "LogitAdjusted", low=0.0, strict=False)
         n = torch.tensor(counts, dtype=torch.float64)
-        self.register_buffer("log_prior", _float_buffer(torch.log(n / n.sum())))
+        self._constant("log_prior", torch.log(n / n.sum()))
 
     def per_sample(self, z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        adjusted = z + self.tau * self._like(self.log_prior, z)
+        adjusted = z + self.tau * self._like("log_prior", z)
         return F.cross_entropy(adjusted, target, reduction="none")
 
     def extra_repr(self) -> str:
@@ -336,10 +354,10 @@ class BalancedSoftmax(PerSampleLoss):
         counts = as_class_counts(class_counts, "BalancedSoftmax")
         super().__init__(len(counts))
         n = torch.tensor(counts, dtype=torch.float64)
-        self.register_buffer("log_counts", _float_buffer(torch.log(n)))
+        self._constant("log_counts", torch.log(n))
 
     def per_sample(self, z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(z + self._like(self.log_counts, z), target, reduction="none")
+        return F.cross_entropy(z + self._like("log_counts", z), target, reduction="none")
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}"
@@ -366,12 +384,47 @@ class VSLoss(PerSampleLoss):
         self.gamma = _check_real("gamma", gamma, "VSLoss", low=0.0, strict=False)
         self.tau = _check_real("tau", tau, "VSLoss", low=0.0, strict=False)
         n = torch.tensor(counts, dtype=torch.float64)
-        self.register_buffer("scale", _float_buffer((n / n.max()).pow(self.gamma)))
-        self.register_buffer("log_prior", _float_buffer(torch.log(n / n.sum())))
+        self._constant("scale", (n / n.max()).pow(self.gamma))
+        self._constant("log_prior", torch.log(n / n.sum()))
 
     def per_sample(self, z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        adjusted = z * self._like(self.scale, z) + self.tau * self._like(self.log_prior, z)
+        adjusted = z * self._like("scale", z) + self.tau * self._like("log_prior", z)
         return F.cross_entropy(adjusted, target, reduction="none")
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, gamma={self.gamma}, tau={self.tau}"
+
+
+class SmoothedCrossEntropy(PerSampleLoss):
+    """Cross-entropy against ``(1 - s) e_y + s/(C - 1) (1 - e_y)``, the BiSAM authors' smoothing.
+
+    ``loss_b = -(1 - s) log p_{y_b} - s/(C - 1) sum_{j != y_b} log p_j`` with ``p = softmax(z_b)``: the
+    descent loss of the BiSAM authors' code (Xie et al., ICML 2024; s = 0.1). Not torch's
+    ``label_smoothing=s``, which puts ``s / C`` on every class (the target included) and so gives
+    ``1 - s + s/C`` to the target. Needs at least 2 classes.
+
+    Args:
+        smoothing: ``s`` in ``[0, 1]`` (0.1 in the BiSAM authors' code); 0 is cross-entropy.
+    """
+
+    def __init__(self, smoothing: float = 0.1) -> None:
+        s = _check_real("smoothing", smoothing, "SmoothedCrossEntropy", low=0.0, strict=False)
+        if s > 1.0:
+            raise ValueError(f"SmoothedCrossEntropy: smoothing must be <= 1, got {smoothing!r}")
+        super().__init__(None)
+        self.smoothing = s
+
+    def per_sample(self, z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        classes = z.shape[1]
+        if classes < 2:
+            raise ValueError(
+                "SmoothedCrossEntropy spreads s over the C - 1 other classes: it needs logits of at "
+                f"least 2 classes, got {classes}"
+            )
+        log_p = F.log_softmax(z, dim=1)
+        target_term = -log_p.gather(1, target[:, None]).squeeze(1)
+        others = -log_p.sum(1) - target_term
+        return (1 - self.smoothing) * target_term + self.smoothing / (classes - 1) * others
+
+    def extra_repr(self) -> str:
+        return f"smoothing={self.smoothing}"

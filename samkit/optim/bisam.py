@@ -6,8 +6,8 @@ With margins F_j = f_j(x) - f_y(x) (so F_y = 0), the ascent loss of a sample is
     phi(x) = 1 - softplus(gamma0 - x), gamma0 = log(e - 1)   ("log": phi(0) = 0), or
     phi(x) = tanh(alpha * x)                                 ("tanh"),
 
-and Q - log(K)/mu <= the 0-1 loss. e = rho * unit(grad mean Q(w)); the descent keeps the usual loss:
-g = grad L(w + e); base step at w.                                                (2F 2B)
+and Q - log(K)/mu <= the 0-1 loss. e = rho * unit(grad mean Q(w)); the descent keeps an upper-bound
+loss: g = grad L(w + e); base step at w.                                          (2F 2B)
 """
 
 from __future__ import annotations
@@ -46,12 +46,17 @@ class BiSAM(SharpnessAware):
 
     Args:
         rho: the ascent radius (default 0.05).
-        bound: "log" (phi = 1 - softplus(gamma0 - x)) or "tanh" (phi = tanh(alpha x)).
+        bound: "log" (phi = 1 - softplus(gamma0 - x), default, the paper's and the authors'
+            script's) or "tanh" (phi = tanh(alpha x), the paper's other bound).
         mu: the log-sum-exp sharpness (default 1, the authors' script), > 0.
         alpha: the tanh slope (default 0.1), > 0.
 
-    The authors' descent loss is cross-entropy with label smoothing 0.1: pass
-    ``loss_fn=samkit.losses.CrossEntropy(label_smoothing=0.1)`` (or any per-sample loss) for that.
+    The descent loss is ``loss_fn`` (default: cross-entropy, samkit's common default). The authors'
+    code descends on a smoothed cross-entropy with 1 - s on the target and s / (K - 1) on each other
+    class, s = 0.1: pass ``loss_fn=samkit.losses.SmoothedCrossEntropy(0.1)`` (recipes:
+    ``loss.name=bisam-ce``). torch's ``label_smoothing=0.1`` (``CrossEntropy(label_smoothing=0.1)``)
+    is a different loss: it puts s / K on every class. The authors' code keeps the perturbed pass
+    out of the normalization statistics: ``norm_stats="freeze", model=model``.
     """
 
     passes = "2F 2B"

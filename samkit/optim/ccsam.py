@@ -6,13 +6,21 @@ Each class c gets its own perturbation of the parameters W, with a radius that g
     e_c   = s * sqrt(k) * rho_c * unit(g_c),
     loss  = (1 - beta) L(w) + beta (1/B) sum_c sum_{b in c} l_b(w + e_c),
 
-g_c the gradient of class c's loss (1/B) sum_{b in c} l_b, k the number of perturbed parameters and s a
-global scale (the authors' "noise_ratio"). Two forms:
+g_c the gradient of class c's loss, n_c class c's training count, k the number of perturbed
+parameters and s a global scale (the authors' "noise_ratio"). Two forms:
 
 - "classifier" (the authors' code): W is the classifier only, re-evaluated for every class on the
-  unperturbed features of the clean pass; all classes at once, no host sync: about 1F 1B.
-- "full": W is every parameter; one extra forward and two backwards per class present in the batch,
-  (1 + P)F (1 + 2P)B; finding the P classes present costs one host sync.
+  unperturbed features of the clean pass; all classes at once, no host sync: about 1F 1B. Two
+  variants:
+  "authors" (default; the authors' released code): g_c is the gradient of the class-MEAN loss
+  (1/m_c) sum_{b in c} l_b over the batch's m_c samples of class c, and unit() is taken per tensor:
+  the head's weight and bias perturbations are each g_c's part divided by its own norm, each scaled
+  by s sqrt(k) rho_c (rho_c from ||W|| and ||g_c|| over the whole head);
+  "joint" (samkit's form before 0.x, the formula above read literally): g_c from (1/B) sum_{b in c}
+  l_b, one unit() over the whole head. A tuned s does not carry over between the two.
+- "full" (samkit's extension, not in the authors' code): W is every parameter, g_c from
+  (1/B) sum_{b in c} l_b, one unit() over all parameters; one extra forward and two backwards per
+  class present in the batch, (1 + P)F (1 + 2P)B; finding the P classes present costs one host sync.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from samkit.optim.core import EPS, Batch, ClassAware, Grads, StepOutput, _global
 from samkit.optim.registry import register
 
 FORMS = ("classifier", "full")
+VARIANTS = ("authors", "joint")
 
 
 @register("ccsam", "cc-sam")
@@ -46,7 +55,13 @@ class CCSAM(ClassAware):
             vanishes gets a large perturbation: on Fashion-MNIST-LT with the small CNN, s = 0.01
             collapsed training to the head class and s = 1e-4 trained well.
         beta: weight of the perturbed loss in [0, 1] (0.3 on CIFAR-10, 0.5 on CIFAR-100).
-        form: "classifier" (default) or "full".
+        form: "classifier" (default, the authors' code) or "full" (samkit's extension).
+        variant: the classifier form's class gradient and normalisation: "authors" (default, the
+            authors' released code: class-mean loss, weight and bias normalised separately) or
+            "joint" (samkit's earlier form: class loss over B, one norm over the whole head).
+
+    The normalization statistics update on every pass by default (``norm_stats="update"``); the
+    classifier form forwards the body once per step, as the authors' code does.
     """
 
     passes = "~1F 1B (classifier); (1+P)F (1+2P)B (full, P classes in the batch)"
@@ -63,11 +78,15 @@ class CCSAM(ClassAware):
         s: float = 1e-6,
         beta: float = 0.5,
         form: str = "classifier",
+        variant: str = "authors",
         **kwargs: Any,
     ) -> None:
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}; got {form!r}")
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}; got {variant!r}")
         self.form = form
+        self.variant = variant
         self.s = check_range("s", s, 0.0)
         self.beta = check_range("beta", beta, 0.0, 1.0)
         super().__init__(params, base, class_counts, radii={}, **kwargs)
@@ -99,10 +118,10 @@ class CCSAM(ClassAware):
             return self._step_classifier(batch)
         return self._step_full(batch)
 
-    def _radius_scale(self, w_norm: Tensor, g_norm: Tensor, k: int, n_factor: Tensor) -> Tensor:
-        """s * sqrt(k) * rho_c / ||g_c||: multiplies g_c to give e_c."""
+    def _radius(self, w_norm: Tensor, g_norm: Tensor, k: int, n_factor: Tensor) -> Tensor:
+        """s * sqrt(k) * rho_c: the length of e_c (of each of its tensors in the authors' variant)."""
         rho_c = torch.sqrt(w_norm / (2 * (g_norm + EPS))) * k**-0.25 * n_factor
-        return self.s * math.sqrt(k) * rho_c / (g_norm + EPS)
+        return self.s * math.sqrt(k) * rho_c
 
     def _head_forward(
         self, closure: Callable[[], Tensor], labels: Tensor
@@ -129,6 +148,20 @@ class CCSAM(ClassAware):
         )
         num_classes, size = self.num_classes, batch.size
         micro = list(zip(batch.closures, batch.labels, strict=True))
+        # the class losses' divisor: m_c, class c's samples in the whole batch (all micro-batches;
+        # with ascent_sync, over processes, whose gradients are averaged: hence the factor world)
+        # or B
+        device = batch.labels[0].device
+        if self.variant == "authors":
+            m = torch.zeros(num_classes, device=device)
+            for labels in batch.labels:
+                m.index_add_(0, labels, torch.ones_like(labels, dtype=m.dtype))
+            world = self._world() if self.ascent_sync else 1
+            if self.ascent_sync:
+                self._average([m])
+            numer, denom = world, (m * world).clamp(min=1)[:, None]
+        else:
+            numer, denom = 1, torch.full((num_classes, 1), float(size), device=device)
         # g_c for every class at once: one batched backward through the head per micro-batch. With
         # one micro-batch its graph is kept for the descent; with several, each is forwarded again.
         g: list[Tensor] | None = None
@@ -136,7 +169,8 @@ class CCSAM(ClassAware):
         kept, loss_sum, all_logits = None, 0.0, []
         for closure, labels in micro:
             features, logits, losses = self._head_forward(closure, labels)
-            select = F.one_hot(labels, num_classes).to(losses.dtype).T / size  # (C, B)
+            one_hot = F.one_hot(labels, num_classes).to(losses.dtype).T
+            select = one_hot * numer / denom.to(losses.dtype)  # (C, B)
             if self.grad_scaler is not None:
                 select = self.grad_scaler.scale(select)
             # through the head alone, re-applied to the features: the batched backward never
@@ -157,13 +191,21 @@ class CCSAM(ClassAware):
         with torch.no_grad():
             if self.ascent_sync:
                 self._average(g)
-            g_norm = torch.stack([x.reshape(num_classes, -1).square().sum(1) for x in g]).sum(0)
-            g_norm = g_norm.sqrt() * self._inverse_scale(g_norm)
+            inverse = self._inverse_scale(g[0])
+            squares = [x.reshape(num_classes, -1).square().sum(1) for x in g]  # (C,) per tensor
+            g_norm = torch.stack(squares).sum(0).sqrt() * inverse
             k = sum(w.numel() for w in weights)
-            factor = self._radius_scale(
+            radius = self._radius(
                 _global_norm(weights), g_norm, k, self._table("n", self.count_factor, g_norm)
-            ) * self._inverse_scale(g_norm)
-            e = [factor.view(-1, *[1] * w.dim()) * x for w, x in zip(weights, g, strict=True)]
+            )
+            if self.variant == "authors":
+                norms = [q.sqrt() * inverse for q in squares]  # each tensor by its own norm
+            else:
+                norms = [g_norm] * len(g)
+            e = [
+                (radius * inverse / (n + EPS)).view(-1, *[1] * w.dim()) * x
+                for w, x, n in zip(weights, g, norms, strict=True)
+            ]
 
         def head_at(*ws: Tensor) -> Tensor:
             return functional_call(self.head, dict(zip(names, ws, strict=True)), (features,))
@@ -210,7 +252,7 @@ class CCSAM(ClassAware):
                 self._average([x for x in g if x is not None])
             inverse = self._inverse_scale(w_norm)
             g_norm = _global_norm([x for x in g if x is not None]) * inverse
-            scale = self._radius_scale(w_norm, g_norm, k, n_factor[c]) * inverse
+            scale = self._radius(w_norm, g_norm, k, n_factor[c]) / (g_norm + EPS) * inverse
             e = self._ascent(params, g, radius=None, scale=scale, average=False)
             with self._perturbed(params, e):
                 (g_c,), _ = self._pass(

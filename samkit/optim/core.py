@@ -17,6 +17,7 @@ accumulates its gradient over them, so a step equals one step on their concatena
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -34,7 +35,7 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 #: per-sample terms of a pass: (logits, per-sample losses, labels) -> vectors t_k, each giving one
 #: gradient grad (1/B) sum_b t_k[b]
 Terms = Callable[[Tensor, Tensor, Tensor], Sequence[Tensor]]
-NORM_STATS = ("update", "freeze")
+NORM_STATS = ("update", "freeze")  # every method's choices; CR-SAM adds "authors"
 
 
 class Batch(NamedTuple):
@@ -87,8 +88,21 @@ def class_counts_tensor(class_counts: Sequence[int] | Tensor | None, method: str
             f"{method} needs class_counts: the number of training samples of each class "
             "(a sequence of C positive integers, class 0 first)"
         )
-    counts = torch.as_tensor(class_counts, dtype=torch.float64).flatten().cpu()
-    if counts.numel() < 1 or bool((counts < 1).any()) or bool((counts != counts.round()).any()):
+    try:
+        if isinstance(class_counts, (str, bytes)):
+            raise TypeError
+        counts = torch.as_tensor(class_counts, dtype=torch.float64).flatten().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(
+            f"class_counts must be a sequence of C positive integers (e.g. [500, 50, 5]); "
+            f"got {type(class_counts).__name__} {class_counts!r}"
+        ) from None
+    if (
+        counts.numel() < 1
+        or not bool(torch.isfinite(counts).all())
+        or bool((counts < 1).any())
+        or bool((counts != counts.round()).any())
+    ):
         raise ValueError(
             f"class_counts must be a non-empty sequence of positive integers; got {class_counts!r}"
         )
@@ -110,30 +124,48 @@ class SharpnessAware(torch.optim.Optimizer):
 
     Args:
         params: parameters or parameter groups, as for any torch optimizer; a group may carry its own
-            radius (e.g. ``{"params": ..., "rho": 0.1}``).
+            radius (e.g. ``{"params": ..., "rho": 0.1}``) and ``"adaptive": False`` to keep the
+            plain ascent for its parameters. Named parameters (``model.named_parameters()``, or
+            groups whose "params" are (name, tensor) pairs; torch keeps the names in
+            ``param_groups[i]["param_names"]``) select the ASAM authors' adaptive rule below.
         base: the torch optimizer class (or factory taking param groups and keyword arguments) that
-            steps at the restored weights; default ``torch.optim.SGD``.
+            steps at the restored weights; default ``torch.optim.SGD``. It must step without a
+            closure (LBFGS is refused).
         loss_fn: per-sample loss ``loss_fn(logits, labels) -> (B,)`` used by labelled steps; default
             cross-entropy with no reduction.
         norm_stats: ``"update"`` lets every forward pass update normalization running statistics (the
             long-tail authors' codes); ``"freeze"`` restores them after each perturbed pass, so they see
-            only clean passes (the BiSAM and CR-SAM codes). ``"freeze"`` needs ``model``.
-        model: the model being trained. Needed by ``norm_stats="freeze"`` (whose buffers it
-            snapshots) and under torch.distributed, where a DistributedDataParallel model runs every
-            pass under ``no_sync()`` and samkit averages gradients itself, once per pass that needs it.
+            only clean passes (the BiSAM code and the popular PyTorch SAM's BN bypass). CR-SAM also
+            offers ``"authors"``. ``"freeze"`` needs ``model``; its buffers are looked up at each
+            step, so ``model.double()``, ``.to(device)`` or ``.half()`` after construction are fine.
+        model: the model being trained. Needed by ``norm_stats="freeze"``; under torch.distributed,
+            where a DistributedDataParallel model runs every pass under ``no_sync()`` and samkit
+            averages gradients itself, once per pass that needs it; and by the non-finite guard to
+            restore the running statistics of a skipped step. Without it, a skipped step leaves the
+            weights and base state untouched but not the running statistics (samkit cannot find them
+            from the parameters alone): pass ``model=`` whenever the model has normalization layers.
         adaptive: use ASAM's scale-invariant ascent, e = rho T_w^2 g / ||T_w g|| with T_w = |w| + eta
-            (Kwon et al., ICML 2021); any method's ascent can be made adaptive.
-        asam_eta: ASAM's offset eta (0.01 in the ASAM authors' code, 0 in the popular PyTorch copy).
-        check_labels: check that labels lie in [0, C). ``None`` checks only labels on the CPU, where it
-            costs no device synchronisation.
-        skip_nonfinite: skip the base step (leaving weights and base state untouched) when the final
-            gradient is not finite; costs one host sync per step. ``last_step_skipped`` and
-            ``skipped_steps`` report it.
+            (Kwon et al., ICML 2021); any method's ascent can be made adaptive. With unnamed
+            parameters every parameter is scaled (the popular PyTorch SAM's ``adaptive=True``); with
+            named parameters only those whose name contains "weight" are (conv, linear and
+            normalization weights), every other one (biases) has T = 1 in the norm and in the
+            perturbation (the ASAM authors' code, SamsungLabs/ASAM). A group's ``"adaptive"`` key
+            overrides this for its parameters.
+        asam_eta: ASAM's offset eta (0.01 in the ASAM authors' class, 0 in the popular PyTorch copy).
+        check_labels: check that labels lie in [0, C) (in [0, inf) for methods without class
+            counts). ``None`` checks only labels on the CPU, where it costs no device
+            synchronisation.
+        skip_nonfinite: skip the base step (leaving weights, base state and, given ``model``, the
+            normalization running statistics untouched) when the final gradient is not finite or a
+            pass put a non-finite value into the running statistics (a huge radius under
+            ``"update"``, say); costs one host sync per step. ``last_step_skipped`` and
+            ``skipped_steps`` report it. Without it (and without a GradScaler) nothing is checked:
+            a non-finite step goes into the weights and statistics as with any torch optimizer.
         grad_scaler: a ``torch.amp.GradScaler`` for float16 autocast. Every backward is scaled. An
-            overflow in any pass skips the whole step, leaving weights and base state untouched;
-            in an ascent, the perturbation is zeroed too, so no non-finite forward reaches the
-            normalization statistics. Call ``grad_scaler.update()`` after each step, as with any
-            torch optimizer.
+            overflow in any pass (or non-finite running statistics) skips the whole step, leaving
+            weights, base state and (given ``model``) running statistics untouched; in an ascent,
+            the perturbation is zeroed too. Call ``grad_scaler.update()`` after each step, as with
+            any torch optimizer.
         ascent_sync: under torch.distributed, average the ascent gradients over processes, so all
             take one global perturbation (True, default: equal to one process on the concatenated
             batch); False lets each process ascend along its own gradient (the original SAM's
@@ -148,6 +180,8 @@ class SharpnessAware(torch.optim.Optimizer):
     radius_keys: tuple[str, ...] = ("rho",)
     #: forward (F) and backward (B) passes through the network per step.
     passes: str = ""
+    #: the norm_stats values the method accepts.
+    norm_stats_choices: tuple[str, ...] = NORM_STATS
 
     def __init__(
         self,
@@ -169,12 +203,13 @@ class SharpnessAware(torch.optim.Optimizer):
     ) -> None:
         for key, value in radii.items():
             check_range(key, value, 0.0)
-        if norm_stats not in NORM_STATS:
-            raise ValueError(f"norm_stats must be one of {NORM_STATS}; got {norm_stats!r}")
-        if norm_stats == "freeze" and model is None:
+        choices = type(self).norm_stats_choices
+        if norm_stats not in choices:
+            raise ValueError(f"norm_stats must be one of {choices}; got {norm_stats!r}")
+        if norm_stats != "update" and model is None:
             raise ValueError(
-                "norm_stats='freeze' needs the model whose normalization statistics to freeze: "
-                "pass model=your_model"
+                f"norm_stats={norm_stats!r} needs the model whose normalization statistics to "
+                "freeze: pass model=your_model"
             )
         self.adaptive = bool(adaptive)
         self.asam_eta = check_range("asam_eta", asam_eta, 0.0)
@@ -193,12 +228,23 @@ class SharpnessAware(torch.optim.Optimizer):
         self._overflow: Tensor | None = None
         self.last_step_skipped = False
         self.skipped_steps = 0
-        self._norm_buffers = _norm_buffers(model) if norm_stats == "freeze" else []
+        self._step_stats: list[Tensor] = []  # the running statistics of the step in progress
         self._scratch: dict[str, list[Tensor]] = {}
         super().__init__(params, dict(radii))
+        if not self._params():
+            raise ValueError(
+                "the optimizer has no trainable parameter (every parameter has requires_grad="
+                "False): unfreeze some (p.requires_grad_(True)) or pass the ones to train"
+            )
         if not callable(base):
             raise ValueError(f"base must be a torch optimizer class or factory; got {base!r}")
         self.base = base(self.param_groups, **base_kwargs)
+        if _needs_closure(self.base):
+            raise ValueError(
+                f"base {type(self.base).__name__} needs a closure at every step, but samkit steps "
+                "the base once at w with the gradient it computed: use a base that steps without "
+                "one (torch.optim.SGD, AdamW, ...)"
+            )
         # Share the groups (so schedulers and per-group radii act on both) and the base's state.
         self.param_groups = self.base.param_groups
         self.state = self.base.state
@@ -210,6 +256,10 @@ class SharpnessAware(torch.optim.Optimizer):
         for key in self.radius_keys:
             if key in param_group:
                 check_range(f"param group {key}", param_group[key], 0.0)
+        if not isinstance(param_group.get("adaptive", False), bool):
+            raise ValueError(
+                f"param group 'adaptive' must be True or False; got {param_group['adaptive']!r}"
+            )
         if hasattr(self, "base"):
             for key in self.radius_keys:
                 param_group.setdefault(key, self.defaults[key])
@@ -273,6 +323,7 @@ class SharpnessAware(torch.optim.Optimizer):
         may accumulate micro-batches itself, and under a GradScaler must scale its loss.
         """
         batch = self._batch(closure, labels)
+        self._check_radii()
         if self._world() > 1 and self.model is None:
             raise ValueError(
                 f"{type(self).__name__} under torch.distributed needs model=the model (its "
@@ -285,8 +336,34 @@ class SharpnessAware(torch.optim.Optimizer):
             else contextlib.nullcontext()
         )
         self._overflow = None
+        guarded = self._guarded()
+        self._step_stats = (
+            _norm_buffers(self.model) if guarded or self.norm_stats != "update" else []
+        )
+        if guarded and self._step_stats:
+            # what a skipped step restores: the statistics before any of its passes
+            torch._foreach_copy_(self._scratch_like("step_stats", self._step_stats), self._step_stats)
         with no_sync:
             return self._update(batch)
+
+    def _guarded(self) -> bool:
+        """Whether a non-finite step is skipped (skip_nonfinite, or an enabled GradScaler)."""
+        return self.skip_nonfinite or (
+            self.grad_scaler is not None and self.grad_scaler.is_enabled()
+        )
+
+    def _check_radii(self) -> None:
+        """Refuse a radius made invalid after construction (written into param_groups by hand or
+        by a scheduler); the values are Python numbers, so this costs no device sync."""
+        for i, group in enumerate(self.param_groups):
+            for key in self.radius_keys:
+                value = group.get(key)
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if not ok or not math.isfinite(value) or value < 0:
+                    raise ValueError(
+                        f"param_groups[{i}][{key!r}] is {value!r}: a radius must be a finite "
+                        "number >= 0 (check what wrote it after construction, e.g. a scheduler)"
+                    )
 
     def _update(self, batch: Batch) -> Tensor | StepOutput:
         """The method's step on a validated batch (each method implements it)."""
@@ -309,7 +386,7 @@ class SharpnessAware(torch.optim.Optimizer):
                     "micro-batches need their labels: call opt.step([closure, ...], [labels, ...]); "
                     "a torch-style closure may accumulate micro-batches itself"
                 )
-            return Batch([closure], None, 0)
+            return Batch([_torch_style(closure)], None, 0)
         if isinstance(labels, Tensor):
             closures, label_list = [closure], [labels]
         else:
@@ -328,7 +405,10 @@ class SharpnessAware(torch.optim.Optimizer):
             if not callable(c):
                 raise TypeError(f"closure must be callable; got {type(c).__name__}")
         label_list = [self._labels(y) for y in label_list]
-        return Batch(list(closures), label_list, sum(y.shape[0] for y in label_list))
+        size = sum(y.shape[0] for y in label_list)
+        if size == 0:
+            raise ValueError("the batch is empty (0 labels): a step needs at least one sample")
+        return Batch(list(closures), label_list, size)
 
     # ----------------------------------------------------------------------------------------------
     # The step's building blocks
@@ -346,12 +426,22 @@ class SharpnessAware(torch.optim.Optimizer):
             )
         num_classes = getattr(self, "num_classes", None)
         check = self.check_labels if self.check_labels is not None else labels.device.type == "cpu"
-        if check and num_classes is not None and labels.numel():
+        if check and labels.numel():
             low, high = int(labels.min()), int(labels.max())
-            if low < 0 or high >= num_classes:
+            if low < 0 or (num_classes is not None and high >= num_classes):
+                where = (
+                    f"[0, {num_classes}) (class_counts has {num_classes} classes)"
+                    if num_classes is not None
+                    else "[0, C) for C classes"
+                )
+                hint = (
+                    "; samkit has no ignore_index: drop the samples to ignore (labels of -100, "
+                    "say) from the batch"
+                    if low < 0
+                    else ""
+                )
                 raise ValueError(
-                    f"labels must lie in [0, {num_classes}) (class_counts has {num_classes} "
-                    f"classes); got values from {low} to {high}"
+                    f"labels must lie in {where}; got values from {low} to {high}{hint}"
                 )
         return labels
 
@@ -359,10 +449,11 @@ class SharpnessAware(torch.optim.Optimizer):
         """Re-evaluate the model at the current weights: (logits, per-sample losses)."""
         with torch.enable_grad():
             logits = closure()
-            if not isinstance(logits, Tensor) or logits.dim() < 1:
+            if not isinstance(logits, Tensor) or logits.dim() != 2:
+                got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
                 raise TypeError(
-                    "the closure of a labelled step must return the model's logits as a tensor "
-                    f"(B, C); got {type(logits).__name__}"
+                    "the closure of a labelled step must return the model's logits, a tensor "
+                    f"(B, C), not a loss (samkit applies loss_fn itself); got {got}"
                 )
             if logits.shape[0] != labels.shape[0]:
                 raise ValueError(
@@ -452,20 +543,21 @@ class SharpnessAware(torch.optim.Optimizer):
         """
         e: Grads = [None] * len(params)
         present = [i for i, g in enumerate(grads) if g is not None]
+        if not present:
+            raise _no_gradient()
         if average and self.ascent_sync:
             self._average([grads[i] for i in present])
-        if not present:
-            return e
-        p_list = [params[i] for i in present]
-        g_list = [grads[i] for i in present]
-        if self.adaptive:
-            t = torch._foreach_abs(p_list)
+        direction = torch._foreach_mul([grads[i] for i in present], 1.0)
+        modes = self._adaptive_modes()
+        scaled = [] if modes is None else [k for k, i in enumerate(present) if modes[i]]
+        if scaled:
+            # T_w = |w| + eta on the scaled parameters, T = 1 on the others
+            t = torch._foreach_abs([params[present[k]] for k in scaled])
             torch._foreach_add_(t, self.asam_eta)
-            direction = torch._foreach_mul(t, g_list)
+            torch._foreach_mul_([direction[k] for k in scaled], t)
             norm = _global_norm(direction)
-            torch._foreach_mul_(direction, t)
+            torch._foreach_mul_([direction[k] for k in scaled], t)
         else:
-            direction = torch._foreach_mul(g_list, 1.0)
             norm = _global_norm(direction)
         if scale is None:
             scale = 1.0 / (norm + EPS)
@@ -486,16 +578,35 @@ class SharpnessAware(torch.optim.Optimizer):
                 torch._foreach_mul_([e[i] for i in members], factor)
         return e
 
+    def _adaptive_modes(self) -> list[bool] | None:
+        """For each trainable parameter, whether the ascent scales it by T_w = |w| + eta: the
+        group's "adaptive" (default: the optimizer's); with named parameters, only those whose
+        name contains "weight" (the ASAM authors' rule). None when no parameter is scaled."""
+        if not self.adaptive and not any(g.get("adaptive") for g in self.param_groups):
+            return None  # the plain ascent everywhere (without walking the parameters)
+        modes = []
+        for group in self.param_groups:
+            on = bool(group.get("adaptive", self.adaptive))
+            names = group.get("param_names")
+            for k, p in enumerate(group["params"]):
+                if p.requires_grad:
+                    modes.append(on and (names is None or "weight" in names[k]))
+        return modes
+
     @contextlib.contextmanager
-    def _perturbed(self, params: list[Tensor], e: Grads, sign: float = 1.0) -> Iterator[None]:
-        """Move to w + sign * e for the body, then restore w exactly (by copy) and, under
-        norm_stats='freeze', the normalization running statistics. Autocast's weight cache is
-        cleared on both moves."""
+    def _perturbed(
+        self, params: list[Tensor], e: Grads, sign: float = 1.0, freeze: bool | None = None
+    ) -> Iterator[None]:
+        """Move to w + sign * e for the body, then restore w exactly (by copy) and, when `freeze`
+        (default: norm_stats='freeze'), the normalization running statistics. Autocast's weight
+        cache is cleared on both moves."""
         idx = [i for i, t in enumerate(e) if t is not None]
         p_list = [params[i] for i in idx]
         backup = self._scratch_like("w", p_list)
         torch._foreach_copy_(backup, p_list)
-        stats = self._norm_buffers
+        if freeze is None:
+            freeze = self.norm_stats == "freeze"
+        stats = self._step_stats if freeze else []
         stats_backup = self._scratch_like("norm_stats", stats) if stats else []
         if stats:
             torch._foreach_copy_(stats_backup, stats)
@@ -575,7 +686,14 @@ class SharpnessAware(torch.optim.Optimizer):
                 total = g if total is None else total.add_(g)
             p.grad = total
         grads = [p.grad for p in params if p.grad is not None]
-        if self._overflow is not None and grads:
+        if not grads:
+            raise _no_gradient()
+        floats = [b for b in self._step_stats if b.is_floating_point()]
+        if self._guarded() and floats:
+            # a pass put a non-finite value into the running statistics: skip as an overflow
+            bad = ~torch.stack([torch.isfinite(b).all() for b in floats]).all()
+            self._overflow = bad if self._overflow is None else self._overflow | bad
+        if self._overflow is not None:
             # an ascent overflowed: carry it into the gradient, where the checks below see it
             grads[0].add_(torch.where(self._overflow, math.nan, 0.0).to(grads[0].dtype))
             self._overflow = None
@@ -591,6 +709,9 @@ class SharpnessAware(torch.optim.Optimizer):
             for p in params:
                 p.grad = None
             self.skipped_steps += 1
+            if self._step_stats:
+                with torch.no_grad():
+                    torch._foreach_copy_(self._step_stats, self._scratch["step_stats"])
 
     def _unified(
         self,
@@ -616,6 +737,42 @@ class SharpnessAware(torch.optim.Optimizer):
 def _stepped() -> bool:
     """The closure handed to the base step under a GradScaler: tells a step taken from one skipped."""
     return True
+
+
+def _no_gradient() -> TypeError:
+    return TypeError(
+        "no gradient reached any parameter: a torch-style closure must compute the loss, call "
+        "loss.backward() and return the loss; a closure that returns logits needs the labels, "
+        "opt.step(closure, labels)"
+    )
+
+
+def _torch_style(closure: Callable[[], Tensor]) -> Callable[[], Tensor]:
+    """Wrap a torch-style closure so that what it returns is checked: one loss, not logits or
+    per-sample losses (which would otherwise fail later with an obscure message)."""
+
+    def checked() -> Tensor:
+        loss = closure()
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            got = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise TypeError(
+                "a torch-style closure (opt.step(closure), no labels) must return the loss it "
+                f"backpropagated, one number; got {got}. Reduce per-sample losses (.mean()) before "
+                "backward, or pass the labels, opt.step(closure, labels), with a closure that "
+                "returns the logits"
+            )
+        return loss
+
+    return checked
+
+
+def _needs_closure(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer.step` cannot run without a closure (torch.optim.LBFGS)."""
+    try:
+        closure = inspect.signature(optimizer.step).parameters.get("closure")
+    except (TypeError, ValueError):
+        return False
+    return closure is not None and closure.default is inspect.Parameter.empty
 
 
 def _n_trainable(group: dict[str, Any]) -> int:

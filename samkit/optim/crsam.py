@@ -5,8 +5,10 @@ With g0 = grad L(w), v = unit(g0), g+ = grad L(w + rho v), g- = grad L(w - rho v
     d = g+ + a (g+ + g- - 2 g0) + b (g+ - g-)                                    (3F 3B)
 
 g+ + g- - 2 g0 ~ rho^2 grad(v^T H v) is the curvature along v, g+ - g- ~ 2 rho H v the gradient of the
-gradient norm. Under norm_stats="freeze" both perturbed passes are frozen (the authors' code freezes
-only the one at w + rho v).
+gradient norm. The normalization running statistics: "update" lets all three passes update them;
+"freeze" keeps both perturbed passes out (they see only the clean pass at w); "authors" does what the
+authors' released code does: the clean pass at w and the pass at w - rho v update them, the pass at
+w + rho v is frozen.
 """
 
 from __future__ import annotations
@@ -29,9 +31,14 @@ class CRSAM(SharpnessAware):
         rho: the finite-difference radius (default 0.1, the authors' script).
         a: weight of the curvature term, the authors' "gamma" (default 0.1), >= 0.
         b: weight of the gradient-norm term, the authors' "beta" (default 0.01), >= 0.
+        norm_stats: "update" (default, every pass: samkit's common default), "freeze" (perturbed
+            passes restored), or "authors" (the authors' released code: the statistics update at w
+            and at w - rho v, and are frozen at w + rho v; needs ``model``). The weights follow the
+            formula above (the paper's and the authors' code) under every choice.
     """
 
     passes = "3F 3B"
+    norm_stats_choices = ("update", "freeze", "authors")
 
     def __init__(
         self,
@@ -51,9 +58,9 @@ class CRSAM(SharpnessAware):
         params = self._params()
         (g0,), out = self._pass(params, batch)
         e = self._ascent(params, g0)
-        with self._perturbed(params, e, +1.0):
+        with self._perturbed(params, e, +1.0, freeze=self.norm_stats != "update"):
             (g_plus,), _ = self._pass(params, batch)
-        with self._perturbed(params, e, -1.0):
+        with self._perturbed(params, e, -1.0, freeze=self.norm_stats == "freeze"):
             (g_minus,), _ = self._pass(params, batch)
         # d = (1 + a + b) g+ + (a - b) g- - 2a g0, written into g+
         idx = [

@@ -31,7 +31,9 @@ class FocalSAM(ClassAware):
         gamma: focal exponent on (1 - pi), >= 0 (default 1.0; authors 3.0 / 3.2 on CIFAR-LT).
         lam: weight of the sharpness term, >= 0; lam > 1 is allowed (default 0.5; authors 0.5 / 0.8).
 
-    gamma = 0, lam = 1 is SAM; lam = 0 is the base optimizer.
+    gamma = 0, lam = 1 is SAM; lam = 0 is the base optimizer. The step and the default
+    ``norm_stats="update"`` (every pass updates the running statistics) follow the authors' code;
+    the defaults of rho, gamma and lam are samkit's (the authors' values are above).
     """
 
     passes = "2F 3B"

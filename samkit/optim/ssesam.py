@@ -34,6 +34,13 @@ class SSESAM(ClassAware):
         eta: tail threshold, count strictly below eta (default 100, the authors' CIFAR-100-LT value).
 
     Call ``set_epoch(epoch)`` (0-based) at the start of each epoch; the epoch is saved in the state.
+
+    The weights follow the authors' code. Its passes do not: the authors' stage I forwards the batch
+    four times (one of them a redundant pass at w) and their stage II once more than needed;
+    samkit forwards 3 times, then 2. Under ``norm_stats="update"`` (the default, as in their code)
+    every forward updates the running statistics, so samkit's saved passes also change how often
+    they update, and the statistics differ from the authors' (the weights do not).
+    Under ``norm_stats="freeze"`` only samkit's one pass at w per step updates them.
     """
 
     passes = "3F 4B, then 2F 3B"

@@ -90,7 +90,7 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     nesterov: bool = False
-    norm_stats: str = "update"  # update or freeze (normalization statistics on perturbed passes)
+    norm_stats: str = "update"  # update, freeze or authors (CR-SAM): statistics on perturbed passes
     kwargs: dict[str, Any] = field(default_factory=dict)  # the method's hyperparameters
     rho_schedule: list[list[float]] = field(default_factory=list)  # [[fraction, rho], ...]
 
@@ -300,8 +300,8 @@ def validate(config: Config) -> None:
     need(o.base in ("sgd", "adamw"), "optim.base", o.base, "sgd or adamw")
     need(o.lr >= 0, "optim.lr", o.lr, ">= 0")
     need(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
-    need(o.norm_stats in ("update", "freeze"), "optim.norm_stats", o.norm_stats,
-         "update or freeze")
+    need(o.norm_stats in ("update", "freeze", "authors"), "optim.norm_stats", o.norm_stats,
+         "update, freeze, or authors (CR-SAM only)")
     for i, item in enumerate(o.rho_schedule):
         need(len(item) == 2 and 0 <= item[0] <= 1 and item[1] >= 0, f"optim.rho_schedule[{i}]",
              item, "[fraction in [0, 1], rho >= 0]")

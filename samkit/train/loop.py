@@ -141,7 +141,8 @@ def make_optimizer(config: Config, model: nn.Module, counts: list[int],
             f"optim.kwargs.{unknown[0]} is not a parameter of {cls.__name__}; its parameters: "
             f"{', '.join(p for p in wanted if p not in ('self', 'params', 'base', 'kwargs'))}"
         )
-    return cls(model.parameters(), base=base, lr=o.lr, weight_decay=o.weight_decay,
+    # named parameters: an adaptive ascent (ASAM) follows its authors' rule, scaling only weights
+    return cls(model.named_parameters(), base=base, lr=o.lr, weight_decay=o.weight_decay,
                loss_fn=loss_fn, skip_nonfinite=True, norm_stats=o.norm_stats,
                model=wrapped if wrapped is not None else model, grad_scaler=grad_scaler,
                **base_kwargs, **kwargs)
@@ -325,9 +326,13 @@ class Trainer:
         if x.dim() == 4:
             x = x.contiguous(memory_format=self.memory_format)
         k = self.config.run.accumulate
+        # `index`: K-SAM forwards only the samples it selected
         if k == 1:
-            return (lambda: self._forward(x)), y
-        return [lambda xi=xi: self._forward(xi) for xi in x.chunk(k)], list(y.chunk(k))
+            return (lambda index=None: self._forward(x if index is None else x[index])), y
+        return [
+            lambda index=None, xi=xi: self._forward(xi if index is None else xi[index])
+            for xi in x.chunk(k)
+        ], list(y.chunk(k))
 
     def _fresh_state(self) -> dict[str, Any]:
         # epoch: epochs completed; epoch_numbering 1: records count from 1 (older runs: from 0)
@@ -564,11 +569,14 @@ class Trainer:
         }
         last = epoch + 1 == c.schedule.epochs
         if self.rank == 0 and (last or (epoch + 1) % c.run.eval_every == 0):
-            record.update(self.evaluate())
-            best = st["best"]
-            if best is None or record["overall"] > best["overall"]:
-                st["best"] = {k: record[k] for k in ("epoch", "overall", "many", "medium", "few")}
-                self._checkpoint(self.run_dir / BEST, weights_only=True)
+            # Momentum-SAM's model holds perturbed weights between steps: evaluate and keep w
+            at_w = getattr(self.optimizer, "at_w", contextlib.nullcontext)
+            with at_w():
+                record.update(self.evaluate())
+                best = st["best"]
+                if best is None or record["overall"] > best["overall"]:
+                    st["best"] = {k: record[k] for k in ("epoch", "overall", "many", "medium", "few")}
+                    self._checkpoint(self.run_dir / BEST, weights_only=True)
         st.update(epoch=epoch + 1, step=0, loss_sum=0.0, correct=0, counted=0)
         if self.rank == 0:
             _append_metrics(self.run_dir, record)
