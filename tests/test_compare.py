@@ -20,7 +20,13 @@ from samkit.report.table import mean_std, write_report
 from samkit.train.config import ConfigError, load_config
 from samkit.train.loop import Interrupted, Trainer, make_optimizer
 
-FASHION = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fashion-mnist"
+FASHION: Path | None = None  # the generated stand-in, set for every test by generated_fashion
+
+
+@pytest.fixture(autouse=True)
+def generated_fashion(tiny_fmnist: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every compare recipe here reads the generated Fashion-MNIST stand-in (tests/datagen.py)."""
+    monkeypatch.setitem(globals(), "FASHION", tiny_fmnist)
 
 
 def spec(tmp_path: Path) -> dict:

@@ -47,6 +47,8 @@ CASES = {
 }
 # The biggest models get a single sample to keep the tests fast.
 BATCH = {"resnet18-cifar": 1, "resnet34-cifar": 1}
+# 224x224 networks: too big for the per-model loops above; tested on their own below.
+IMAGENET_MODELS = ["resnet50", "resnext50-32x4d"]
 
 
 def make(name: str, head: str = "linear", **kwargs: object) -> nn.Module:
@@ -124,6 +126,37 @@ def test_imagenet_style_resnet_counts() -> None:
     assert count(build_model("resnet34-cifar", 100)) == imagenet_resnet_params([3, 4, 6, 3], 100)
     assert imagenet_resnet_params([3, 4, 6, 3], 100) == 21_328_292
     assert count(build_model("resnet18-cifar", 10)) == imagenet_resnet_params([2, 2, 2, 2], 10)
+
+
+def bottleneck_resnet_params(classes: int, groups: int = 1, width_per_group: int = 64) -> int:
+    """Parameters of a [3, 4, 6, 3] bottleneck ResNet(Xt) for 224x224 images, counted by hand."""
+    total = 3 * 64 * 49 + 2 * 64  # 7x7 stem conv + BN
+    channels = 64
+    for blocks, planes in zip([3, 4, 6, 3], [64, 128, 256, 512]):
+        width = planes * width_per_group // 64 * groups
+        for b in range(blocks):
+            total += channels * width + 2 * width  # 1x1 reduce + BN
+            total += width * (width // groups) * 9 + 2 * width  # grouped 3x3 + BN
+            total += width * planes * 4 + 2 * planes * 4  # 1x1 expand + BN
+            if b == 0:  # projection shortcut (stride 2, or 64 -> 256 channels)
+                total += channels * planes * 4 + 2 * planes * 4
+            channels = planes * 4
+    return total + channels * classes + classes
+
+
+def test_resnet50_and_resnext50_parameter_counts() -> None:
+    """The known torchvision counts: ResNet-50 25,557,032, ResNeXt-50 32x4d 25,028,904 (1000
+    classes), and the hand count for other class numbers."""
+    resnet = build_model("resnet50", 1000)
+    assert count(resnet) == bottleneck_resnet_params(1000) == 25_557_032
+    assert count(build_model("resnext50-32x4d", 1000)) == bottleneck_resnet_params(
+        1000, 32, 4) == 25_028_904
+    x = torch.randn(2, 3, 32, 32)
+    resnet.eval()
+    with torch.no_grad():
+        features = resnet.features(x)
+        assert features.shape == (2, 2048)
+        torch.testing.assert_close(resnet(x), resnet.head(features))
 
 
 def test_small_cnn_parameter_count() -> None:
@@ -299,9 +332,9 @@ def test_models_are_plain_modules() -> None:
 
 
 def test_build_model_registry() -> None:
-    assert available_models() == sorted(CASES)
+    assert available_models() == sorted([*CASES, *IMAGENET_MODELS])
     with pytest.raises(ValueError, match="valid names: .*resnet32.*small-cnn"):
-        build_model("resnet50", 10)
+        build_model("resnet101", 10)
     with pytest.raises(ValueError, match="head kind"):
         build_model("resnet32", 10, head="cosine")
     assert isinstance(build_model("ResNet32", 10), CifarResNet)

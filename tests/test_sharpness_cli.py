@@ -13,11 +13,10 @@ from samkit.train.checkpoint import load_checkpoint
 from samkit.train.config import load_config
 from samkit.train.loop import Trainer
 
-FASHION = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fashion-mnist"
 
-
-def test_sharpness_command_on_a_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    config = load_config(None, [f"data.root={FASHION}", "data.limit_per_class=100",
+def test_sharpness_command_on_a_run(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                   tiny_fmnist: Path) -> None:
+    config = load_config(None, [f"data.root={tiny_fmnist}", "data.limit_per_class=100",
                                 "schedule.epochs=1", "run.max_steps_per_epoch=4",
                                 f"run.out={tmp_path}", "run.name=r", "optim.method=sam"])
     Trainer(config, progress=False).run()

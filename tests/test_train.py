@@ -18,11 +18,19 @@ from samkit.train.config import ConfigError, ScheduleConfig, load_config, parse_
 from samkit.train.loop import Interrupted, Trainer, TrainingError
 from samkit.train.schedules import lr_factor, rho_at
 
-FASHION = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fashion-mnist"
+FASHION: Path | None = None  # the generated stand-in, set for every test by generated_fashion
+
+
+@pytest.fixture(autouse=True)
+def generated_fashion(tiny_fmnist: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every recipe of `tiny` reads the generated Fashion-MNIST stand-in (tests/datagen.py), so
+    these tests need nothing beside the clone. Modules that import `tiny` import this too."""
+    monkeypatch.setitem(globals(), "FASHION", tiny_fmnist)
 
 
 def tiny(tmp_path: Path, *overrides: str) -> list[str]:
-    """A recipe that trains for seconds on real Fashion-MNIST (300 images per class at most)."""
+    """A recipe that trains for seconds on the generated Fashion-MNIST stand-in (300 images per
+    class, learnable: class templates plus noise)."""
     return [f"data.root={FASHION}", "data.limit_per_class=300", "data.batch_size=64",
             "schedule.epochs=2", "run.max_steps_per_epoch=6", f"run.out={tmp_path}",
             "run.name=tiny", "run.deterministic=true", *overrides]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_train import tiny
+from test_train import generated_fashion, tiny  # noqa: F401 (autouse fixture)
 
 from samkit.train.checkpoint import load_checkpoint
 from samkit.train.config import ConfigError, load_config

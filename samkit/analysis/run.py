@@ -77,7 +77,10 @@ def analyse_run(run_dir: str | Path, *, what: tuple[str, ...] = QUANTITIES,
     config = load_config(run_dir / "config.yaml")
     device = torch.device("cpu")
     data = prepare_data(config, progress=False)
-    model = make_model(config, len(data.counts), data.train.images.shape[1])
+    if not hasattr(data.train, "images"):
+        raise ValueError(f"samkit sharpness needs a data set held in memory; data.name="
+                         f"{config.data.name} is streamed from its files")
+    model = make_model(config, len(data.counts), data.in_channels)
     model.load_state_dict(load_checkpoint(ckpt_path)["model"])
     model.to(device).eval()
     loss_fn = build_loss(config.loss.name, class_counts=data.counts, **config.loss.kwargs)

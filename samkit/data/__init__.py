@@ -1,5 +1,5 @@
-"""Data for long-tailed training: readers, named data sets, long-tailed subsets, class groups
-and a batch pipeline that runs on the training device."""
+"""Data for long-tailed training: readers, named data sets, long-tailed subsets, class groups,
+a batch pipeline that runs on the training device, and file-list sets streamed from disk."""
 
 from samkit.data.datasets import (
     CIFAR10_CLASSES,
@@ -11,8 +11,21 @@ from samkit.data.datasets import (
     default_data_dir,
     download,
     download_file,
+    find_dataset,
     load_dataset,
     long_tailed,
+)
+from samkit.data.filelist import (
+    FILE_LIST_NAMES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PRESETS,
+    FileList,
+    StreamingDataset,
+    StreamingLoader,
+    load_file_list,
+    read_file_list,
+    scan_class_folders,
 )
 from samkit.data.profiles import ORDERS, PROFILES, long_tail_counts, long_tail_indices
 from samkit.data.readers import (
@@ -27,7 +40,14 @@ from samkit.data.readers import (
     read_image_folder,
     read_image_folder_splits,
 )
-from samkit.data.splits import GROUPS, default_thresholds, group_members, shot_groups
+from samkit.data.splits import (
+    GROUPS,
+    default_thresholds,
+    group_members,
+    head_first,
+    holdout,
+    shot_groups,
+)
 from samkit.data.transforms import (
     Augment,
     BatchLoader,
@@ -48,13 +68,20 @@ __all__ = [
     "CIFAR10_CLASSES",
     "DATASET_NAMES",
     "FASHION_MNIST_CLASSES",
+    "FILE_LIST_NAMES",
+    "FileList",
     "GROUPS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
     "ImageArrays",
     "ORDERS",
+    "PRESETS",
     "PROFILES",
     "RESOURCES",
     "Resource",
+    "StreamingDataset",
+    "StreamingLoader",
     "channel_stats",
     "compose",
     "crop_at",
@@ -64,9 +91,13 @@ __all__ = [
     "default_thresholds",
     "download",
     "download_file",
+    "find_dataset",
     "group_members",
+    "head_first",
     "hflip_where",
+    "holdout",
     "load_dataset",
+    "load_file_list",
     "long_tail_counts",
     "long_tail_indices",
     "long_tailed",
@@ -75,10 +106,12 @@ __all__ = [
     "random_hflip",
     "read_cifar10",
     "read_cifar100",
+    "read_file_list",
     "read_idx",
     "read_idx_images",
     "read_idx_labels",
     "read_image_folder",
     "read_image_folder_splits",
+    "scan_class_folders",
     "shot_groups",
 ]

@@ -38,6 +38,7 @@ __all__ = [
     "default_data_dir",
     "download",
     "download_file",
+    "find_dataset",
     "load_dataset",
     "long_tailed",
 ]
@@ -536,27 +537,27 @@ def _not_found(
     target = _download_root(root)
     how = {
         "fashion-mnist": (
-            f"load_dataset('fashion-mnist', download=True) (downloads to {target}); or "
+            f"run `samkit download fashion-mnist` (downloads to {target}); or "
             "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu, files in "
             "/usr/share/datasets/fashion-mnist); or put train-images-idx3-ubyte.gz, "
             "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz "
-            "in <dir>/fashion-mnist/ and pass root=<dir> or set SAMKIT_DATA=<dir>"
+            "in <dir>/fashion-mnist/ and set data.root=<dir> or SAMKIT_DATA=<dir>"
         ),
         "mnist": (
-            f"load_dataset('mnist', download=True) (downloads to {target}); or put the four "
-            "MNIST IDX files (train-images-idx3-ubyte.gz, ...) in <dir>/mnist/ and pass "
-            "root=<dir> or set SAMKIT_DATA=<dir>"
+            f"run `samkit download mnist` (downloads to {target}); or put the four "
+            "MNIST IDX files (train-images-idx3-ubyte.gz, ...) in <dir>/mnist/ and set "
+            "data.root=<dir> or SAMKIT_DATA=<dir>"
         ),
         "cifar10": (
-            f"load_dataset('cifar10', download=True) (downloads cifar-10-python.tar.gz to "
+            f"run `samkit download cifar10` (downloads cifar-10-python.tar.gz to "
             f"{target}); or put cifar-10-python.tar.gz, its extracted cifar-10-batches-py/ "
             "folder, or a JPEG image-folder archive cifar10-jpeg.tar.gz (train/<class>/*.jpg, "
-            "test/<class>/*.jpg) in <dir> and pass root=<dir> or set SAMKIT_DATA=<dir>"
+            "test/<class>/*.jpg) in <dir> and set data.root=<dir> or SAMKIT_DATA=<dir>"
         ),
         "cifar100": (
-            f"load_dataset('cifar100', download=True) (downloads cifar-100-python.tar.gz to "
+            f"run `samkit download cifar100` (downloads cifar-100-python.tar.gz to "
             f"{target}); or put cifar-100-python.tar.gz or its extracted cifar-100-python/ "
-            "folder in <dir> and pass root=<dir> or set SAMKIT_DATA=<dir>"
+            "folder in <dir> and set data.root=<dir> or SAMKIT_DATA=<dir>"
         ),
     }[name]
     scope = (
@@ -565,8 +566,29 @@ def _not_found(
         else "searched $SAMKIT_DATA (if set) and the standard places"
     )
     return FileNotFoundError(
-        f"{name} ({split} split) not found; {scope}. Looked in:\n  - {places}\nTo get it: {how}."
+        f"{name} ({split} split) not found; {scope}. Looked in:\n  - {places}\nTo get it: {how} "
+        f"(in Python: load_dataset({name!r}, download=True))."
     )
+
+
+def find_dataset(name: str, split: str = "train", root: PathLike | None = None) -> Path:
+    """Where :func:`load_dataset` would read a named data set from, without reading it.
+
+    The same search as :func:`load_dataset` (``root`` only when given, else ``$SAMKIT_DATA``
+    and the standard places): the folder holding the IDX files for Fashion-MNIST and MNIST, the
+    archive or folder for CIFAR. Tests of the real data sets use it to find them, or to skip.
+
+    Raises:
+        FileNotFoundError: when it is not found (the message lists every place looked).
+        ValueError: for "image-folder" and "mnist1d", which are not searched for.
+    """
+    canonical = _canonical(name)
+    if canonical in ("fashion-mnist", "mnist"):
+        return _locate_idx(canonical, split, root)[0].parent
+    if canonical in ("cifar10", "cifar100"):
+        return _locate_cifar(canonical, split, root)[1]
+    raise ValueError(f"{canonical} is not searched for: give its root (image-folder) or "
+                     "nothing at all (mnist1d is generated)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -601,7 +623,7 @@ def _check_size(name: str, split: str, ds: ArrayDataset, limited: bool, where: s
     if expected is not None and not limited and len(ds) != expected:
         raise ValueError(
             f"{where} holds {len(ds)} {split} images but official {name} has {expected}: the "
-            "file is truncated or is not the official one; fetch it again (download=True)"
+            f"file is truncated or is not the official one; fetch it again (`samkit download {name}`)"
         )
 
 

@@ -54,7 +54,7 @@ PathLike = str | os.PathLike
 #: File name endings (lower case) :func:`read_image_folder` treats as images.
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png")
 
-_REFETCH = "delete it and fetch it again (load_dataset(..., download=True)) or restore a good copy"
+_REFETCH = "delete it and fetch it again (`samkit download <name>`) or restore a good copy"
 
 
 class ImageArrays(NamedTuple):
@@ -268,7 +268,7 @@ def _read_members(path: Path, folder: str, names: Sequence[str]) -> dict[str, tu
             if not file.is_file():
                 raise FileNotFoundError(
                     f"{file} is missing: a complete '{folder}' folder holds {', '.join(names)}; "
-                    f"extract the official archive there, or use load_dataset(..., download=True)"
+                    f"extract the official archive there, or run `samkit download cifar10` (or cifar100)"
                 )
             out[name] = (file.read_bytes(), str(file))
         return out

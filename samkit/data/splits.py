@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["GROUPS", "default_thresholds", "group_members", "shot_groups"]
+__all__ = ["GROUPS", "default_thresholds", "group_members", "head_first", "holdout", "shot_groups"]
 
 #: Group names, head to tail.
 GROUPS: tuple[str, ...] = ("many", "medium", "few")
@@ -73,3 +73,39 @@ def group_members(groups: Sequence[str]) -> dict[str, list[int]]:
             raise ValueError(f"class {c} has group {g!r}; valid groups: {GROUPS}")
         members[g].append(c)
     return members
+
+
+def head_first(counts: Sequence[int]) -> list[int]:
+    """Class order by training count, largest first (ties keep their label order): the head
+    first, as groups, tables and plots read a long tail."""
+    return sorted(range(len(counts)), key=lambda c: (-int(counts[c]), c))
+
+
+def holdout(
+    labels: Sequence[int] | np.ndarray | torch.Tensor, fraction: float, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, seeded split of a data set's indices into (kept, held out).
+
+    Each class holds out round(fraction * n) of its n images (at least one when n >= 2, and
+    always keeps at least one), chosen by a NumPy generator seeded with ``seed``; both index
+    arrays come back sorted. This is how a class-per-folder tree with no split folders gets its
+    test (and validation) set.
+
+    Raises:
+        ValueError: if ``fraction`` is not in (0, 1).
+    """
+    if isinstance(labels, torch.Tensor):
+        labels = labels.cpu().numpy()
+    labels = np.asarray(labels)
+    if not 0 < fraction < 1:
+        raise ValueError(f"the held-out fraction must be in (0, 1), got {fraction!r}")
+    rng = np.random.default_rng(seed)
+    held = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        n = members.size
+        k = min(max(round(fraction * n), 1 if n >= 2 else 0), n - 1)
+        held.append(rng.permutation(members)[:k])
+    out = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
+    kept = np.setdiff1d(np.arange(labels.size), out)
+    return kept, out

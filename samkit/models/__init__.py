@@ -1,4 +1,5 @@
-"""Models for samkit: CIFAR ResNets, ImageNet-style ResNets for 32x32 inputs, small CNNs, heads.
+"""Models for samkit: CIFAR ResNets, ImageNet-style ResNets for 32x32 inputs, ResNet-50 and
+ResNeXt-50 for 224x224 inputs, small CNNs, heads.
 
 Every model here is a plain :class:`torch.nn.Module` with
 
@@ -30,15 +31,23 @@ from samkit.models.resnet_cifar import (
     resnet32,
     resnet56,
 )
+from samkit.models.resnet_imagenet import (
+    Bottleneck,
+    ImageNetResNet,
+    resnet50,
+    resnext50_32x4d,
+)
 from samkit.models.small import CNN1D, MLP, SmallCNN
 
 __all__ = [
     "CNN1D",
     "Classifier",
     "HEAD_KINDS",
+    "ImageNetResNet",
     "MLP",
     "BasicBlock",
     "BasicBlockA",
+    "Bottleneck",
     "CifarResNet",
     "NormedLinear",
     "ResNet",
@@ -51,7 +60,9 @@ __all__ = [
     "resnet20",
     "resnet32",
     "resnet34_cifar",
+    "resnet50",
     "resnet56",
+    "resnext50_32x4d",
 ]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
@@ -60,6 +71,8 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet56": lambda **kw: CifarResNet(9, **kw),
     "resnet18-cifar": lambda **kw: ResNet([2, 2, 2, 2], **kw),
     "resnet34-cifar": lambda **kw: ResNet([3, 4, 6, 3], **kw),
+    "resnet50": resnet50,
+    "resnext50-32x4d": resnext50_32x4d,
     "small-cnn": SmallCNN,
     "mlp": MLP,
     "cnn1d": CNN1D,
@@ -82,7 +95,8 @@ def build_model(
 
     Args:
         name: one of :func:`available_models` (``"resnet20"``, ``"resnet32"``, ``"resnet56"``,
-            ``"resnet18-cifar"``, ``"resnet34-cifar"``, ``"small-cnn"``, ``"mlp"``, ``"cnn1d"``).
+            ``"resnet18-cifar"``, ``"resnet34-cifar"``, ``"resnet50"``, ``"resnext50-32x4d"``,
+            ``"small-cnn"``, ``"mlp"``, ``"cnn1d"``).
         num_classes: number of classes (logits).
         in_channels: input channels (3 for RGB, 1 for grayscale or MNIST-1D).
         head: ``"linear"`` or ``"normed"`` (the LDAM cosine classifier).

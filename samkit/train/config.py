@@ -41,17 +41,30 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    name: str = "fashion-mnist"  # fashion-mnist, mnist, cifar10, cifar100, image-folder, mnist1d
+    # fashion-mnist, mnist, cifar10, cifar100, image-folder, mnist1d; streamed from list files:
+    # filelist (train_list and test_list, or neither: the class folders under root), imagenet-lt,
+    # places-lt, inat2018
+    name: str = "fashion-mnist"
     root: str | None = None  # data location; else $SAMKIT_DATA and the standard places
     ratio: float = 100.0  # imbalance ratio n_max / n_min (1 = the balanced set)
-    profile: str = "exp"  # exp or step
+    # exp, step, or none (keep every image); default: none for image-folder and list files
+    # (data that come long-tailed), exp for the built-in balanced sets
+    profile: str | None = None
+    n_max: int | None = None  # images the head class keeps under exp / step (default: its count)
     order: str = "shuffle"  # which images a class keeps: shuffle (LDAM, Focal-SAM) or first
-    subsample_seed: int = 0
+    subsample_seed: int = 0  # also seeds the held-out test / validation split of a plain folder
+    test_fraction: float = 0.2  # held out per class as test from a folder with no train/test
+    val_fraction: float = 0.0  # held out per class as validation from such a folder
+    train_list: str | None = None  # list files of 'relative/path label' lines (data.name=filelist),
+    val_list: str | None = None  # relative to data.root unless absolute
+    test_list: str | None = None
+    image_size: int = 224  # crop side of streamed images
+    workers: int | None = None  # decoding processes of streamed images (default: min(8, CPUs))
     batch_size: int = 128
     eval_batch_size: int = 1000
-    augment: str = "crop-flip"  # crop-flip, flip or none
+    augment: str = "crop-flip"  # crop-flip, flip or none (streamed: random resized crop + flip)
     crop_padding: int = 4
-    normalize: bool = True  # per-channel mean/std of the long-tailed training set
+    normalize: bool = True  # per-channel mean/std of the training set (ImageNet's when streamed)
     many: int | None = None  # many-shot: more than this many training images (default by C)
     few: int | None = None  # few-shot: fewer than this many (default by C)
     limit_per_class: int | None = None  # read only the first k images of each class (quick runs)
@@ -312,7 +325,14 @@ def validate(config: Config) -> None:
 
     d, s, o, r = config.data, config.schedule, config.optim, config.run
     need(d.ratio >= 1, "data.ratio", d.ratio, ">= 1")
-    need(d.profile in ("exp", "step"), "data.profile", d.profile, "exp or step")
+    need(d.profile in (None, "exp", "step", "none"), "data.profile", d.profile,
+         "exp, step or none")
+    need(d.n_max is None or d.n_max >= 1, "data.n_max", d.n_max, "None or >= 1")
+    need(0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction, "in (0, 1)")
+    need(0 <= d.val_fraction < 1 - d.test_fraction, "data.val_fraction", d.val_fraction,
+         f">= 0 and < 1 - data.test_fraction ({1 - d.test_fraction:g})")
+    need(d.image_size >= 8, "data.image_size", d.image_size, ">= 8")
+    need(d.workers is None or d.workers >= 0, "data.workers", d.workers, "None or >= 0")
     need(d.order in ("shuffle", "first"), "data.order", d.order, "shuffle or first")
     need(d.batch_size >= 1, "data.batch_size", d.batch_size, ">= 1")
     need(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, ">= 1")

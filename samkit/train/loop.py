@@ -31,7 +31,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,18 +43,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 import samkit
 import samkit.optim as so
-from samkit.data import (
-    ArrayDataset,
-    BatchLoader,
-    channel_stats,
-    crop_flip,
-    default_thresholds,
-    hflip_where,
-    load_dataset,
-    long_tail_counts,
-    long_tail_indices,
-    shot_groups,
-)
 from samkit.losses import build_loss
 from samkit.models import build_model
 from samkit.train.checkpoint import (
@@ -69,6 +56,7 @@ from samkit.train.checkpoint import (
     write_json,
 )
 from samkit.train.config import Config, ConfigError, resume_changes
+from samkit.train.data import Data, make_loaders, prepare_data  # noqa: F401 (Data: a public name)
 from samkit.train.metrics import expected_calibration_error, group_accuracy, per_class_accuracy
 from samkit.train.progress import RunDisplay, is_terminal, say
 from samkit.train.records import read_metrics
@@ -91,43 +79,6 @@ class Interrupted(Exception):
     def __init__(self, run_dir: Path) -> None:
         super().__init__(f"interrupted; checkpoint saved in {run_dir}")
         self.run_dir = run_dir
-
-
-@dataclass
-class Data:
-    train: ArrayDataset
-    test: ArrayDataset
-    counts: list[int]
-    groups: list[str]
-    thresholds: tuple[int, int]
-    mean: list[float] | None
-    std: list[float] | None
-    split: dict[str, Any]
-
-
-def prepare_data(config: Config, progress: bool = True) -> Data:
-    """Load the data set, build the long-tailed training split and the class groups."""
-    d = config.data
-    common = {"root": d.root, "progress": progress, "limit_per_class": d.limit_per_class}
-    full = load_dataset(d.name, split="train", **common)
-    test = load_dataset(d.name, split="test", **common)
-    n_max = max(full.class_counts())
-    counts = long_tail_counts(n_max, full.num_classes, d.ratio, d.profile)
-    indices = long_tail_indices(full.labels, counts, seed=d.subsample_seed, order=d.order)
-    train = full.subset(indices, f"long-tailed {d.profile} ratio {d.ratio:g}, order {d.order}, "
-                        f"seed {d.subsample_seed}")
-    many, few = default_thresholds(full.num_classes)
-    many = d.many if d.many is not None else many
-    few = d.few if d.few is not None else few
-    groups = shot_groups(counts, many=many, few=few)
-    mean = std = None
-    if d.normalize and train.images.dtype == torch.uint8:
-        mean, std = channel_stats(train.images)
-    split = {"source": train.source, "test_source": test.source, "classes": train.classes,
-             "counts": counts, "total": int(sum(counts)), "profile": d.profile, "ratio": d.ratio,
-             "order": d.order, "seed": d.subsample_seed, "thresholds": {"many": many, "few": few},
-             "groups": groups, "mean": mean, "std": std, "indices": [int(i) for i in indices]}
-    return Data(train, test, counts, groups, (many, few), mean, std, split)
 
 
 def import_user_module(module: str) -> Any:
@@ -371,11 +322,13 @@ class Trainer:
                 f"the {self.world} processes"
             )
         self.data = prepare_data(c, progress=self.progress and is_terminal(sys.stderr))
-        train = self.data.train
-        self.num_classes = train.num_classes
-        in_channels = train.images.shape[1]
+        self.num_classes = self.data.train.num_classes
+        in_channels = self.data.in_channels
         self.model = make_model(c, self.num_classes, in_channels).to(self.device)
-        self._check_model_fits(train.images[:2])
+        train = self.data.train
+        self._check_model_fits(
+            train.images[:2] if hasattr(train, "images")  # streamed images: their crop's shape
+            else torch.zeros(2, in_channels, c.data.image_size, c.data.image_size))
         self.memory_format = torch.channels_last if c.run.channels_last else torch.preserve_format
         if c.run.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -405,20 +358,8 @@ class Trainer:
             c, self.model, self.data.counts, self.loss_fn,
             wrapped=wrapped, grad_scaler=self.scaler)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
-        augment = None
-        if c.data.augment != "none" and train.images.dim() == 4:
-            size = tuple(train.images.shape[-2:])
-            augment = (crop_flip(size, c.data.crop_padding) if c.data.augment == "crop-flip"
-                       else _flip_only)
-        # every process draws the same global batches; drop_last keeps them divisible
-        self.loader = BatchLoader(train.images, train.labels, c.data.batch_size, shuffle=True,
-                                  seed=c.run.seed, device=self.device, augment=augment,
-                                  mean=self.data.mean, std=self.data.std,
-                                  drop_last=self.world > 1)
-        self.test_loader = BatchLoader(self.data.test.images, self.data.test.labels,
-                                       c.data.eval_batch_size, shuffle=False,
-                                       device=self.device, mean=self.data.mean,
-                                       std=self.data.std)
+        self.loader, self.test_loader = make_loaders(c, self.data, self.device, self.rank,
+                                                     self.world)
 
     def _check_model_fits(self, images: Tensor) -> None:
         """One forward in eval mode (no statistic changes) on two training images, so a model
@@ -449,7 +390,7 @@ class Trainer:
 
     def _closures(self, x: Tensor, y: Tensor) -> tuple[Any, Any]:
         """This process's slice of a global batch, as one closure or as micro-batches."""
-        if self.world > 1:
+        if self.world > 1 and not getattr(self.loader, "sliced", False):
             x, y = x.chunk(self.world)[self.rank], y.chunk(self.world)[self.rank]
         if x.dim() == 4:
             x = x.contiguous(memory_format=self.memory_format)
@@ -916,9 +857,6 @@ class Trainer:
         return summary
 
 
-def _flip_only(batch: Tensor, generator: torch.Generator) -> Tensor:
-    coin = torch.rand(batch.shape[0], generator=generator) < 0.5
-    return hflip_where(batch, coin.to(batch.device))
 
 
 def _num(value: float) -> float | None:
