@@ -351,6 +351,10 @@ class Trainer:
             if backend not in known:
                 raise ValueError(f"run.compile={backend} is not a torch.compile backend; use true "
                                  f"(inductor) or one of {', '.join(known)}")
+            # a pass with several terms (ImbSAM, Focal-SAM, ...) backpropagates a retained graph,
+            # which a compiled backward with donated buffers refuses (seen after an earlier
+            # compile in the same process, as in a compare)
+            torch._functorch.config.donated_buffer = False
             self.net = torch.compile(self.net, backend=backend)
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.run.amp)
         self.scaler = (torch.amp.GradScaler(self.device.type) if c.run.amp == "fp16" else None)
