@@ -183,7 +183,12 @@ def _cost_methods() -> tuple[dict, dict]:
         ),
         "imbsam-topk-graph": (
             "imbsam",
-            {**imb, "ascent_subset": 3, "ascent_subset_mode": "topk", "ascent_subset_pass": "graph"},
+            {
+                **imb,
+                "ascent_subset": 3,
+                "ascent_subset_mode": "topk",
+                "ascent_subset_pass": "graph",
+            },
             imb_ref(subset=3, mode="topk", graph=True),
         ),
         "imbsam-random": ("imbsam", {**imb, "ascent_subset": 2}, imb_ref(subset=2)),

@@ -78,7 +78,9 @@ def test_reuse_takes_the_current_radius() -> None:
     model = make_model("conv")
     twin = clone(model)
     opt = so.SAM(model.parameters(), rho=0.1, ascent_every=3, lr=0.05, momentum=0.9)
-    ref_opt = torch.optim.SGD([{"params": list(twin.parameters()), "rho": 0.1}], lr=0.05, momentum=0.9)
+    ref_opt = torch.optim.SGD(
+        [{"params": list(twin.parameters()), "rho": 0.1}], lr=0.05, momentum=0.9
+    )
     for t, (x, y) in enumerate(batches("conv", STEPS)):
         for group in (*opt.param_groups, *ref_opt.param_groups):
             group["rho"] = 0.1 * (t + 1)
@@ -185,7 +187,12 @@ def test_subset_never_draws_a_sample_with_zero_coefficient() -> None:
         ("focalsam", {"ascent_every": 2, "ascent_between": "base"}, (2, 3), (1, 1)),
         # ascent on a sub-batch (a closure taking `index`: a forward on S only)
         ("sam", {"ascent_subset": 6}, (2, 2), (2, 2)),  # F_m B_m + F_B B_B
-        ("sam", {"ascent_subset": 6, "ascent_subset_mode": "topk"}, (3, 2), (3, 2)),  # + no-grad F_B
+        (
+            "sam",
+            {"ascent_subset": 6, "ascent_subset_mode": "topk"},
+            (3, 2),
+            (3, 2),
+        ),  # + no-grad F_B
         ("sam", {"ascent_subset": 6, "ascent_subset_pass": "graph"}, (2, 2), (2, 2)),
         ("imbsam", {"ascent_subset": 2}, (3, 3), (3, 3)),  # (2 + m/B)F (2 + m/B)B
         ("focalsam", {"ascent_subset": 6, "ascent_subset_mode": "topk"}, (3, 3), (3, 3)),
@@ -229,8 +236,14 @@ def test_the_only_pass_updates_the_running_statistics_under_freeze() -> None:
 
 @pytest.mark.parametrize(
     "method",
-    ["sam-every3", "focalsam-every2", "fsam-every2", "sam-bernoulli-random", "focalsam-every3-topk",
-     "imbsam-random"],
+    [
+        "sam-every3",
+        "focalsam-every2",
+        "fsam-every2",
+        "sam-bernoulli-random",
+        "focalsam-every3-topk",
+        "imbsam-random",
+    ],
 )
 def test_resume_mid_period_continues_exactly(method: str) -> None:
     table = {**COST_METHODS, **SUBSET_METHODS}
@@ -368,7 +381,11 @@ def test_invalid_cost_options_are_named(kwargs: dict, match: str) -> None:
 @pytest.mark.parametrize(
     "name,option,match",
     [
-        ("msam", "ascent_every", "MSAM does not take ascent_every: Momentum-SAM has no ascent pass"),
+        (
+            "msam",
+            "ascent_every",
+            "MSAM does not take ascent_every: Momentum-SAM has no ascent pass",
+        ),
         ("msam", "ascent_subset", "MSAM does not take ascent_subset: Momentum-SAM has no ascent"),
         ("gsam", "ascent_every", "GSAM does not take ascent_every: it needs the gradient at w"),
         ("bsam", "ascent_every", "BSAM does not take ascent_every: it needs the gradient at w"),
