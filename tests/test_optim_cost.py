@@ -418,3 +418,35 @@ def test_subset_needs_labels() -> None:
 
     with pytest.raises(TypeError, match="ascent_subset needs per-sample losses"):
         opt.step(closure)
+
+
+# ---- the harness ------------------------------------------------------------------------------------
+
+
+def test_harness_takes_the_options_through_optim_kwargs(tmp_path, tiny_fmnist) -> None:
+    """`optim.kwargs` carries the options to the constructor; the checkpoint keeps the step count
+    and the stored direction (one epoch of 5 steps with K = 4: the last ascent was step 4)."""
+    from test_harness import train
+
+    from samkit.train.checkpoint import load_checkpoint
+
+    trainer = train(
+        tmp_path,
+        tiny_fmnist,
+        "optim.method=focalsam",
+        "optim.kwargs={ascent_every: 4, ascent_subset: 0.25, ascent_subset_mode: topk}",
+        "schedule.epochs=1",
+        "run.max_steps_per_epoch=5",
+    )
+    opt = trainer.optimizer
+    assert (opt.ascent_every, opt.ascent_subset, opt.ascent_subset_mode) == (4, 0.25, "topk")
+    saved = load_checkpoint(tmp_path / "r/checkpoint.pt", keys=("optimizer",))["optimizer"]
+    assert saved["cost"] == {"steps": 5, "unit_keys": ["rho"]}
+    assert all(UNIT + "rho" in s for s in saved["base"]["state"].values())
+
+
+def test_harness_names_a_bad_option(tmp_path, tiny_fmnist) -> None:
+    from test_harness import train
+
+    with pytest.raises(ValueError, match="MSAM does not take ascent_every"):
+        train(tmp_path, tiny_fmnist, "optim.method=msam", "optim.kwargs={ascent_every: 4}")
