@@ -103,14 +103,14 @@ def option_passes(name: str, passes: tuple[float, float], options: dict[str, obj
     nf, nb = passes
     subset = options.get("ascent_subset")
     if subset is not None and options.get("ascent_subset_pass", "separate") == "separate":
-        frac = min(1.0, subset if isinstance(subset, float) else subset / batch)  # type: ignore[operator]
+        frac = min(1.0, subset if isinstance(subset, float) else subset / batch)
         groups = GROUPS.get(name, 1)
         topk = options.get("ascent_subset_mode", "random") == "topk"
         if name in WITH_CLEAN:  # the ascent backward leaves the pass at w for F_m + B_m
             nf, nb = nf + groups * frac, nb - groups + groups * frac
         else:  # no pass at w left, but top-k's no-grad ranking forward
             nf, nb = nf - 1 + groups * frac + topk, nb - groups + groups * frac
-    every = int(options.get("ascent_every", 1))  # type: ignore[call-overload]
+    every = int(options.get("ascent_every", 1))
     if every > 1:
         rf, rb = ((1, 1) if options.get("ascent_between", "reuse_e") == "base"
                   else REUSE_PASSES[name])
@@ -204,7 +204,7 @@ def bench(model_name: str, mode: str, args: argparse.Namespace) -> None:
             )
         else:
             steps[label] = lambda opt=opt: opt.step(lambda: net(x), y)
-        if int(options.get("ascent_every", 1)) > 1:  # type: ignore[call-overload]
+        if int(options.get("ascent_every", 1)) > 1:
             PERIODIC.add(label)
         nf, nb = (1 + present, 1 + 2 * present) if nf < 0 else (nf, nb)
         passes[label] = option_passes(name, (nf, nb), options, args.batch)

@@ -82,8 +82,8 @@ class BiSAM(SharpnessAware):
         self.alpha = check_range("alpha", alpha, 0.0, low_open=True)
         super().__init__(params, base, radii={"rho": rho}, **kwargs)
 
-    def _update(self, batch: Batch) -> StepOutput:
-        return self._unified(  # type: ignore[return-value]
+    def _update(self, batch: Batch) -> Tensor | StepOutput:
+        return self._unified(
             batch,
             clean=None,
             perturbed=[(None, "rho")],

@@ -1004,7 +1004,7 @@ class SharpnessAware(torch.optim.Optimizer):
         m = self.ascent_subset
         if isinstance(m, float):
             return max(1, math.floor(m * size))
-        return int(m)  # type: ignore[arg-type]
+        return int(m or 0)
 
     def _choose(self, eligible: Tensor, scores: Tensor | None, m: int) -> tuple[Tensor, int]:
         """(membership mask of S, m_j): m_j = min(m, eligible count) samples among the eligible,
