@@ -181,6 +181,10 @@ def bench(model_name: str, mode: str, args: argparse.Namespace) -> None:
     steps: dict[str, Callable[[], object]] = {}
     passes: dict[str, tuple[int, int]] = {}
     rows = [(name, {}) for name in args.methods.split(",")]
+    if args.option_sets:
+        skipped = [name for name in args.methods.split(",") if name not in REUSE_PASSES]
+        if skipped:
+            print(f"--options: {', '.join(skipped)} take no cost option (timed without)")
     rows += [(name, options) for options in args.option_sets for name in args.methods.split(",")
              if name in REUSE_PASSES]
     for name, options in rows:
