@@ -450,3 +450,38 @@ def test_harness_names_a_bad_option(tmp_path, tiny_fmnist) -> None:
 
     with pytest.raises(ValueError, match="MSAM does not take ascent_every"):
         train(tmp_path, tiny_fmnist, "optim.method=msam", "optim.kwargs={ascent_every: 4}")
+
+
+# ---- benchmarks/step_time.py --------------------------------------------------------------------
+
+
+def test_step_time_counts_the_passes_the_options_take() -> None:
+    """The floor of `step_time.py --options` uses the passes that test_passes_per_step measures."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
+    spec = importlib.util.spec_from_file_location("step_time", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    opts = bench.parse_options("ascent_every=4,ascent_subset=0.25,ascent_subset_mode=topk")
+    assert opts == {"ascent_every": 4, "ascent_subset": 0.25, "ascent_subset_mode": "topk"}
+    with pytest.raises(ValueError, match="is not key=value"):
+        bench.parse_options("ascent_every")
+    passes = bench.option_passes
+    assert passes("sam", (2, 2), {"ascent_every": 2}, 24) == (1.5, 1.5)
+    assert passes("focalsam", (2, 3), {"ascent_every": 2}, 24) == (2.0, 2.5)
+    assert passes("sam", (2, 2), {"ascent_subset": 6}, 24) == (1.25, 1.25)
+    assert passes("sam", (2, 2), {"ascent_subset": 6, "ascent_subset_mode": "topk"}, 24) == (
+        2.25,
+        1.25,
+    )
+    assert passes("imbsam", (2, 3), {"ascent_subset": 6}, 24) == (2.25, 2.25)
+    assert passes("focalsam", (2, 3), {"ascent_subset": 6, "ascent_subset_pass": "graph"}, 24) == (
+        2,
+        3,
+    )
+    assert passes("ssesam-stage1", (3, 4), {"ascent_every": 2, "ascent_between": "base"}, 24) == (
+        2.0,
+        2.5,
+    )
