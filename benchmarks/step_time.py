@@ -3,6 +3,8 @@
     python benchmarks/step_time.py                      # ResNet-32, batch 128, CPU, float32
     python benchmarks/step_time.py --device cuda --reps 50 --models resnet32,resnet18 \
         --modes fp32,bf16,compiled,compiled-bf16 --channels-last
+    python benchmarks/step_time.py --methods plain,sam,focalsam \
+        --options ascent_every=5 --options ascent_subset=0.25,ascent_subset_mode=topk
 
 Modes: fp32; bf16 (every pass under torch.autocast in bfloat16); compiled (the model under
 torch.compile); compiled-bf16 (both). One table per model and mode.
@@ -15,6 +17,12 @@ slow drifts of the machine hit all alike. K-SAM's passes on its k = B/4 samples 
 of a pass (its ranking forward, without a gradient, as a whole one). LookSAM's cost varies by step
 (a SAM step every k): its column is the mean, not the median, over the rounds, which should then
 be a multiple of k.
+
+Cost options (spec/ALGORITHMS-EFFICIENT.md, generic options A and B): each ``--options k=v,...``
+adds a row ``method[k=v,...]`` for every method in --methods that takes them (plain always runs
+without), its floor from the passes averaged over K steps (A) and with the sub-batch's passes as
+m/B of a pass (B, m = ascent_subset, of B or as a fraction; the eligible samples may be fewer).
+Rows with ascent_every > 1 are timed by their mean, like LookSAM's.
 """
 
 from __future__ import annotations
@@ -62,6 +70,52 @@ METHODS: dict[str, tuple[dict, tuple[int, int]]] = {
 }
 #: timed by their mean over the rounds (their cost varies by step)
 PERIODIC = {"looksam", "pytorch_optimizer.LookSAM"}
+#: under ascent_every: the passes of a step that reuses the stored direction (ascent_between
+#: "reuse_e"; "base" is one plain pass); the methods with a clean term at w; perturbed groups
+REUSE_PASSES = {"sam": (1, 1), "asam": (1, 1), "bisam": (1, 1), "fsam": (1, 1),
+                "imbsam": (2, 2), "focalsam": (2, 2), "ssesam-stage1": (2, 2),
+                "ssesam-stage2": (2, 2)}
+WITH_CLEAN = {"imbsam", "focalsam", "ssesam-stage2"}
+GROUPS = {"ssesam-stage1": 2}
+
+
+def parse_options(text: str) -> dict[str, object]:
+    """``k=v,k=v`` -> constructor keyword arguments (ints, floats, or strings)."""
+    options: dict[str, object] = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--options: {item!r} is not key=value (e.g. ascent_every=5)")
+        for kind in (int, float):
+            try:
+                options[key] = kind(value)
+                break
+            except ValueError:
+                continue
+        else:
+            options[key] = value
+    return options
+
+
+def option_passes(name: str, passes: tuple[float, float], options: dict[str, object],
+                  batch: int) -> tuple[float, float]:
+    """The passes per step of `name` under the cost options, averaged over K steps."""
+    nf, nb = passes
+    subset = options.get("ascent_subset")
+    if subset is not None and options.get("ascent_subset_pass", "separate") == "separate":
+        frac = min(1.0, subset if isinstance(subset, float) else subset / batch)
+        groups = GROUPS.get(name, 1)
+        topk = options.get("ascent_subset_mode", "random") == "topk"
+        if name in WITH_CLEAN:  # the ascent backward leaves the pass at w for F_m + B_m
+            nf, nb = nf + groups * frac, nb - groups + groups * frac
+        else:  # no pass at w left, but top-k's no-grad ranking forward
+            nf, nb = nf - 1 + groups * frac + topk, nb - groups + groups * frac
+    every = int(options.get("ascent_every", 1))
+    if every > 1:
+        rf, rb = ((1, 1) if options.get("ascent_between", "reuse_e") == "base"
+                  else REUSE_PASSES[name])
+        nf, nb = (nf + (every - 1) * rf) / every, (nb + (every - 1) * rb) / every
+    return nf, nb
 
 
 def sync(device: torch.device) -> None:
@@ -91,7 +145,16 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true", help="channels-last model and input")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--options", action="append", default=[],
+                        help="cost options k=v,... timed as extra rows (repeatable; see above)")
     args = parser.parse_args()
+    try:
+        args.option_sets = [parse_options(text) for text in args.options]
+    except ValueError as err:
+        parser.error(str(err))
+    for name in args.methods.split(","):
+        if name not in METHODS:
+            parser.error(f"--methods: {name!r} is not one of {', '.join(METHODS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     for mode in args.modes.split(","):
@@ -117,22 +180,38 @@ def bench(model_name: str, mode: str, args: argparse.Namespace) -> None:
     # the optimizers first: CC-SAM's hook must exist before the compiled model's first call
     steps: dict[str, Callable[[], object]] = {}
     passes: dict[str, tuple[int, int]] = {}
-    for name in args.methods.split(","):
+    rows = [(name, {}) for name in args.methods.split(",")]
+    if args.option_sets:
+        skipped = [name for name in args.methods.split(",") if name not in REUSE_PASSES]
+        if skipped:
+            print(f"--options: {', '.join(skipped)} take no cost option (timed without)")
+    rows += [(name, options) for options in args.option_sets for name in args.methods.split(",")
+             if name in REUSE_PASSES]
+    for name, options in rows:
         kwargs, (nf, nb) = METHODS[name]
-        kwargs = dict(kwargs)
+        kwargs = {**kwargs, **options}
         if name.startswith("ccsam") and kwargs.get("form") != "full":
             kwargs["head"] = model.head
         if name.startswith("ksam"):
             kwargs["model"] = model  # BN statistics from the ranking pass only
-        opt = so.create(name.split("-")[0], model.parameters(), lr=1e-4, momentum=0.9, **kwargs)
+        label = name + ("[" + ",".join(f"{k}={v}" for k, v in options.items()) + "]" if options
+                        else "")
+        try:
+            opt = so.create(name.split("-")[0], model.parameters(), lr=1e-4, momentum=0.9,
+                            **kwargs)
+        except (TypeError, ValueError) as err:
+            raise SystemExit(f"{label}: {err}") from None
         opt.set_epoch(5)
-        if name.startswith("ksam"):  # forward only the k selected samples
-            steps[name] = lambda opt=opt: opt.step(
+        if name.startswith("ksam") or "ascent_subset" in options:  # forward only the samples asked
+            steps[label] = lambda opt=opt: opt.step(
                 lambda index=None: net(x if index is None else x[index]), y
             )
         else:
-            steps[name] = lambda opt=opt: opt.step(lambda: net(x), y)
-        passes[name] = (1 + present, 1 + 2 * present) if nf < 0 else (nf, nb)
+            steps[label] = lambda opt=opt: opt.step(lambda: net(x), y)
+        if int(options.get("ascent_every", 1)) > 1:
+            PERIODIC.add(label)
+        nf, nb = (1 + present, 1 + 2 * present) if nf < 0 else (nf, nb)
+        passes[label] = option_passes(name, (nf, nb), options, args.batch)
     # forward and backward alone
     t_f, t_b = [], []
     for i in range(args.warmup + args.reps):

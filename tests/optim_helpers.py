@@ -134,3 +134,76 @@ EFFICIENT_GROUP_KEYS = ("rho_max", "rho_min", "lr_max", "lr_min")
 NEEDS_MODEL = {"ksam"}
 #: constructor settings for the contract tests (test_optim_contract.SETTINGS)
 EFFICIENT_SETTINGS = {name: dict(kwargs) for name, (_, kwargs, _) in EFFICIENT_METHODS.items()}
+
+
+# ---- the cost options (ascent every K steps, ascent on a sub-batch): name -> (samkit name, kwargs,
+# reference step), as above. COST_METHODS keep one global ascent (reuse of the last direction), so
+# they join test_optim_reference.METHODS and every scale and distributed test; SUBSET_METHODS draw
+# their sub-batch per process, and are tested in test_optim_cost.py (and per process under DDP).
+def _cost_methods() -> tuple[dict, dict]:
+    import reference as ref
+
+    focal = {"rho": 0.1, "class_counts": COUNTS, "gamma": 2.0, "lam": 0.8}
+    imb = {"rho": 0.1, "class_counts": COUNTS, "kappa": 2.0}
+
+    def focal_ref(**options):
+        return lambda m, o, x, y, t: ref.focalsam_cost(m, o, x, y, COUNTS, 2.0, 0.8, **options)
+
+    def imb_ref(**options):
+        return lambda m, o, x, y, t: ref.imbsam_cost(m, o, x, y, COUNTS, kappa=2.0, **options)
+
+    def sam_ref(**options):
+        return lambda m, o, x, y, t: ref.sam_cost(m, o, x, y, **options)
+
+    every = {
+        "sam-every3": ("sam", {"rho": 0.1, "ascent_every": 3}, sam_ref(every=3)),
+        "focalsam-every2": ("focalsam", {**focal, "ascent_every": 2}, focal_ref(every=2)),
+        "imbsam-every3-base": (
+            "imbsam",
+            {**imb, "ascent_every": 3, "ascent_between": "base"},
+            imb_ref(every=3, between="base"),
+        ),
+        "fsam-every2": (
+            "fsam",
+            {"rho": 0.1, "sigma": 1.0, "lam": 0.6, "ascent_every": 2},
+            lambda m, o, x, y, t: ref.fsam_cost(m, o, x, y, sigma=1.0, lam=0.6, every=2),
+        ),
+    }
+    subset = {
+        "sam-random-half": ("sam", {"rho": 0.1, "ascent_subset": 0.5}, sam_ref(subset=0.5)),
+        "sam-topk": (
+            "sam",
+            {"rho": 0.1, "ascent_subset": 8, "ascent_subset_mode": "topk"},
+            sam_ref(subset=8, mode="topk"),
+        ),
+        "sam-bernoulli-random": (
+            "sam",
+            {"rho": 0.1, "ascent_every": 2, "ascent_schedule": "bernoulli", "ascent_subset": 6},
+            sam_ref(every=2, schedule="bernoulli", subset=6),
+        ),
+        "imbsam-topk-graph": (
+            "imbsam",
+            {
+                **imb,
+                "ascent_subset": 3,
+                "ascent_subset_mode": "topk",
+                "ascent_subset_pass": "graph",
+            },
+            imb_ref(subset=3, mode="topk", graph=True),
+        ),
+        "imbsam-random": ("imbsam", {**imb, "ascent_subset": 2}, imb_ref(subset=2)),
+        "focalsam-random-graph": (
+            "focalsam",
+            {**focal, "ascent_subset": 5, "ascent_subset_pass": "graph"},
+            focal_ref(subset=5, graph=True),
+        ),
+        "focalsam-every3-topk": (
+            "focalsam",
+            {**focal, "ascent_every": 3, "ascent_subset": 0.25, "ascent_subset_mode": "topk"},
+            focal_ref(every=3, subset=0.25, mode="topk"),
+        ),
+    }
+    return every, subset
+
+
+COST_METHODS, SUBSET_METHODS = _cost_methods()

@@ -406,3 +406,148 @@ def fsam(model, opt, x, y, sigma, lam, ema_order="code"):
     with At(params, unit_perturbation(opt, d)):
         g_adv = grad_of(ce(model(x), y).mean(), params)
     finish(opt, g_adv)
+
+
+# ---- the cost options (spec/ALGORITHMS-EFFICIENT.md, "Generic options for any unified-form method")
+
+
+def _fresh(state, every, schedule, seed):
+    """Whether this step takes a fresh ascent: t mod K = 0 (every_K) or a draw with p = 1/K
+    (bernoulli, one draw per step when K > 1), and always while no direction is stored."""
+    state.setdefault("t", 0)
+    state.setdefault("gen", torch.Generator().manual_seed(seed))
+    if every == 1:
+        return True
+    if schedule == "every_K":
+        fresh = state["t"] % every == 0
+    else:
+        fresh = bool(torch.rand((), generator=state["gen"]) < 1.0 / every)
+    return fresh or "u" not in state
+
+
+def _subset(state, c, losses, m, mode):
+    """S: m_j = min(m, #eligible) samples among those with c_b != 0; random: the first m_j of a
+    torch.randperm of the eligible samples (batch order) drawn from the seeded generator; topk: the
+    largest c_b l_b(w)."""
+    eligible = [b for b in range(len(c)) if float(c[b]) != 0]
+    m_j = min(m, len(eligible))
+    if mode == "random":
+        order = torch.randperm(len(eligible), generator=state["gen"])[:m_j]
+        return sorted(eligible[int(i)] for i in order)
+    scores = {b: float(c[b] * losses[b].detach()) for b in eligible}
+    return sorted(sorted(eligible, key=lambda b: -scores[b])[:m_j])
+
+
+def unified_cost(
+    model,
+    opt,
+    x,
+    y,
+    a,
+    c,
+    every=1,
+    between="reuse_e",
+    schedule="every_K",
+    subset=None,
+    mode="random",
+    graph=False,
+    seed=0,
+):
+    """One step of g = grad (1/B) sum a_b l_b(w) + grad (1/B) sum c_b l_b(w + e) (a None: no clean
+    term) with the cost options. A (every): fresh steps store u = unit(ascent gradient); other steps
+    take e = rho(t) u with rho(t) read now ("reuse_e", the clean term still at w when some a_b != 0)
+    or the plain step on (a + c) l at w ("base"). B (subset): u = unit(grad (1/m_j) sum_S c_b l_b(w)),
+    from a forward on S alone, or (graph) from the forward at w masked to S."""
+    params = params_of(opt)
+    state = ref_state(opt)
+    b = len(y)
+    rho = opt.param_groups[0]["rho"]
+    fresh = _fresh(state, every, schedule, seed)
+    g_a = None
+    if not fresh and between == "base":
+        total = c if a is None else a + c
+        finish(opt, grad_of((total * ce(model(x), y)).sum() / b, params))
+        state["t"] += 1
+        return
+    if not fresh:
+        if a is not None and bool((a != 0).any()):
+            g_a = grad_of((a * ce(model(x), y)).sum() / b, params)
+        e = [rho * u for u in state["u"]]
+    else:
+        if subset is None:
+            losses = ce(model(x), y)
+            if a is not None:
+                g_a = grad_of((a * losses).sum() / b, params, retain=True)
+            g_asc = grad_of((c * losses).sum() / b, params)
+        else:
+            m = subset if isinstance(subset, int) else max(1, math.floor(subset * b))
+            losses = None
+            if a is not None or graph:
+                losses = ce(model(x), y)
+            elif mode == "topk":
+                with torch.no_grad():
+                    losses = ce(model(x), y)
+            s = _subset(state, c, losses, m, mode)
+            if graph:
+                mask = torch.zeros(b, dtype=x.dtype)
+                mask[s] = 1.0
+                if a is not None:
+                    g_a = grad_of((a * losses).sum() / b, params, retain=True)
+                g_asc = grad_of((mask * c * losses).sum() / b, params)
+            else:
+                if a is not None:
+                    g_a = grad_of((a * losses).sum() / b, params)
+                if s:
+                    g_asc = grad_of((c[s] * ce(model(x[s]), y[s])).sum() / len(s), params)
+                else:
+                    g_asc = [torch.zeros_like(p) for p in params]
+        n = global_norm(g_asc)
+        state["u"] = [g / (n + 1e-12) for g in g_asc]
+        e = [rho * u for u in state["u"]]
+    with At(params, e):
+        g_adv = grad_of((c * ce(model(x), y)).sum() / b, params)
+    finish(opt, g_adv if g_a is None else [p + q for p, q in zip(g_a, g_adv)])
+    state["t"] += 1
+
+
+def sam_cost(model, opt, x, y, **options):
+    """SAM with the cost options: no clean term, c_b = 1."""
+    unified_cost(model, opt, x, y, None, torch.ones(len(y), dtype=x.dtype), **options)
+
+
+def imbsam_cost(model, opt, x, y, counts, eta=20, kappa=1.0, **options):
+    """ImbSAM (average "batch") with the cost options: a_b = 1 on head samples, c_b = kappa on
+    tail samples (the scale kappa cancels in the ascent's unit())."""
+    tail = torch.tensor([float(counts[int(v)] < eta) for v in y], dtype=x.dtype)
+    unified_cost(model, opt, x, y, 1 - tail, kappa * tail, **options)
+
+
+def focalsam_cost(model, opt, x, y, counts, gamma, lam, **options):
+    """Focal-SAM composed (spec "Focal-SAM composed"): a_b = 1 - c_y, c_y = lam (1 - pi_y)^gamma."""
+    total = sum(counts)
+    c = torch.tensor([lam * (1 - counts[int(v)] / total) ** gamma for v in y], dtype=x.dtype)
+    unified_cost(model, opt, x, y, 1 - c, c, **options)
+
+
+def fsam_cost(model, opt, x, y, sigma, lam, every):
+    """F-SAM ascending every K steps: fresh steps are F-SAM's (m moves) and store u = unit(d);
+    the others perturb by rho(t) u and leave m alone."""
+    state = ref_state(opt)
+    if not _fresh(state, every, "every_K", 0):
+        params = params_of(opt)
+        with At(params, [opt.param_groups[0]["rho"] * u for u in state["u"]]):
+            g_adv = grad_of(ce(model(x), y).mean(), params)
+        finish(opt, g_adv)
+        state["t"] += 1
+        return
+    params = params_of(opt)
+    g = grad_of(ce(model(x), y).mean(), params)
+    m_old = state.get("m")
+    d = g if m_old is None else [p - sigma * q for p, q in zip(g, m_old)]
+    state["m"] = g if m_old is None else [lam * q + (1 - lam) * p for p, q in zip(g, m_old)]
+    n = global_norm(d)
+    state["u"] = [v / (n + 1e-12) for v in d]
+    with At(params, [opt.param_groups[0]["rho"] * u for u in state["u"]]):
+        g_adv = grad_of(ce(model(x), y).mean(), params)
+    finish(opt, g_adv)
+    state["t"] += 1

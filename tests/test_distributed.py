@@ -13,7 +13,7 @@ import reference as ref
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from optim_helpers import assert_same_model, batches, make_model
+from optim_helpers import BASES, SUBSET_METHODS, assert_same_model, batches, make_model
 from test_optim_reference import METHODS, build, reference_optimizer
 from torch.nn.parallel import DistributedDataParallel
 
@@ -69,6 +69,25 @@ def train_all(rank: int) -> dict:
         xr = shard(x, rank)
         opt.step(lambda index=None, xr=xr: ddp(xr if index is None else xr[index]), shard(y, rank))
     results["ksam-empty"] = model.state_dict()
+    # the ascent on a sub-batch: each process draws its own (per-process ascent)
+    for method, (name, kwargs, _) in SUBSET_METHODS.items():
+        model = make_model("mlp")
+        ddp = DistributedDataParallel(model)
+        base, base_kwargs = BASES["sgd"]
+        opt = so.create(
+            name,
+            model.parameters(),
+            base=base,
+            model=ddp,
+            ascent_sync=False,
+            **kwargs,
+            **base_kwargs,
+        )
+        for x, y in batches("mlp", STEPS, batch=BATCH):
+            xr = shard(x, rank)
+            step = lambda index=None, xr=xr, net=ddp: net(xr if index is None else xr[index])  # noqa: E731
+            opt.step(step, shard(y, rank))
+        results[method, "subset"] = model.state_dict()
     try:  # without model=, a distributed step is refused
         so.SAM(make_model("mlp").parameters(), lr=0.1).step(lambda: None, shard(y, rank))
     except ValueError as err:
@@ -133,6 +152,25 @@ def test_per_process_ascent_equals_its_reference(distributed, method) -> None:
     assert_same_model(got, twin)
     if method != "plain":  # the two options differ: the test can tell them apart
         assert not torch.allclose(sync.head.weight, got.head.weight, atol=1e-8)
+
+
+@pytest.mark.parametrize("method", sorted(SUBSET_METHODS))
+def test_per_process_subset_ascent_equals_its_reference(distributed, method) -> None:
+    """The ascent on a sub-batch drawn by each process from its own shard: each process its
+    method's step gradient (its own draws and stored direction); the base steps with the average."""
+    got = make_model("mlp")
+    got.load_state_dict(distributed[method, "subset"])
+    twin = make_model("mlp")
+    base, base_kwargs = BASES["sgd"]
+    opt = base([{"params": list(twin.parameters()), "rho": 0.1}], **base_kwargs)
+    captures = [Capture(opt) for _ in range(WORLD)]
+    for t, (x, y) in enumerate(batches("mlp", STEPS, batch=BATCH)):
+        per_rank = []
+        for rank, capture in enumerate(captures):
+            SUBSET_METHODS[method][2](twin, capture, shard(x, rank), shard(y, rank), t)
+            per_rank.append(capture.grads)
+        ref.finish(opt, [sum(gs) / WORLD for gs in zip(*per_rank)])
+    assert_same_model(got, twin)
 
 
 def lopsided_batches() -> list:

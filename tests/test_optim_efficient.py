@@ -360,7 +360,7 @@ def test_msam_is_the_same_with_a_torch_style_closure() -> None:
             loss.backward()
             return loss
 
-        b.zero_grad()  # a torch-style step keeps a gradient already in p.grad, as torch does
+        b.zero_grad()  # as with torch.optim: step(closure) keeps a gradient left in p.grad
         b.step(closure)
     assert_same_model(model, twin, atol=0, rtol=0)
 
@@ -425,7 +425,7 @@ def test_torch_style_closure_equals_the_labelled_step(name: str, kwargs: dict) -
             loss.backward()
             return loss
 
-        b.zero_grad()  # a torch-style step keeps a gradient already in p.grad
+        b.zero_grad()  # as with torch.optim: step(closure) keeps a gradient left in p.grad
         torch.testing.assert_close(out.loss, b.step(closure).detach())
     assert_same_model(model, twin, atol=1e-14, rtol=1e-12)
 

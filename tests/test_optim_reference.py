@@ -7,6 +7,7 @@ import reference as ref
 import torch
 from optim_helpers import (
     BASES,
+    COST_METHODS,
     COUNTS,
     EFFICIENT_GROUP_KEYS,
     EFFICIENT_METHODS,
@@ -86,6 +87,7 @@ METHODS = {
     ),
 }
 METHODS.update(EFFICIENT_METHODS)
+METHODS.update(COST_METHODS)
 
 
 def build(method: str, net, base: str, **extra):

@@ -60,6 +60,7 @@ class BiSAM(SharpnessAware):
     """
 
     passes = "2F 2B"
+    cost_refusals: dict[str, str] = {}
 
     needs_labels = True
 
@@ -81,12 +82,10 @@ class BiSAM(SharpnessAware):
         self.alpha = check_range("alpha", alpha, 0.0, low_open=True)
         super().__init__(params, base, radii={"rho": rho}, **kwargs)
 
-    def _update(self, batch: Batch) -> StepOutput:
-        params = self._params()
-        (g_q,), out = self._pass(
-            params, batch, lambda z, _, y: [lower_bound(z, y, self.bound, self.mu, self.alpha)]
+    def _update(self, batch: Batch) -> Tensor | StepOutput:
+        return self._unified(
+            batch,
+            clean=None,
+            perturbed=[(None, "rho")],
+            ascent=lambda z, _, y: [lower_bound(z, y, self.bound, self.mu, self.alpha)],
         )
-        with self._perturbed(params, self._ascent(params, g_q)):
-            (g,), _ = self._pass(params, batch)
-        self._base_step(params, g)
-        return out

@@ -65,6 +65,10 @@ class CCSAM(ClassAware):
     """
 
     passes = "~1F 1B (classifier); (1+P)F (1+2P)B (full, P classes in the batch)"
+    cost_refusals: dict[str, str] = {
+        "ascent_every": "CC-SAM perturbs per class, with no shared ascent to reuse",
+        "ascent_subset": "CC-SAM perturbs per class, with no shared ascent to take on a sub-batch",
+    }
 
     radius_keys = ()
 

@@ -11,7 +11,9 @@ methods share: the per-sample forward, backward passes that hand their gradient 
 the ascent direction, perturb-and-restore (restore is an exact copy), the normalization-statistics
 policy, the base step, and the state-dict layout; and what scale needs: micro-batches (every pass
 accumulates its gradient over them, so a step equals one step on their concatenation), a GradScaler
-(float16), and averaging over processes (torch.distributed) once per pass that needs it.
+(float16), and averaging over processes (torch.distributed) once per pass that needs it. And the
+cost options of spec/ALGORITHMS-EFFICIENT.md ("Generic options for any unified-form method"), once,
+for every method of that form: the ascent every K steps and the ascent on a sub-batch.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 #: gradient grad (1/B) sum_b t_k[b]
 Terms = Callable[[Tensor, Tensor, Tensor], Sequence[Tensor]]
 NORM_STATS = ("update", "freeze")  # every method's choices; CR-SAM adds "authors"
+ASCENT_BETWEEN = ("reuse_e", "base")  # what a step without a fresh ascent does
+ASCENT_SCHEDULES = ("every_K", "bernoulli")  # which steps take a fresh ascent
+SUBSET_MODES = ("random", "topk")  # how the ascent sub-batch is chosen
+SUBSET_PASSES = ("separate", "graph")  # where the sub-batch's ascent gradient comes from
+UNIT = "ascent_u:"  # prefix of the stored unit directions u_j in the base's per-parameter state
 
 
 class Batch(NamedTuple):
@@ -171,6 +178,42 @@ class SharpnessAware(torch.optim.Optimizer):
             batch); False lets each process ascend along its own gradient (the original SAM's
             m-sharpness, m = the per-process batch). The descent gradient is always averaged.
         process_group: the torch.distributed group to average over (default: the whole world).
+        ascent_every: K, the cost option "ascent every K steps" (spec/ALGORITHMS-EFFICIENT.md,
+            generic option A; samkit's own, from no paper). A fresh ascent step runs the method
+            unchanged and stores u_j = unit(ascent gradient) of each perturbed group j (ASAM's
+            T_w^2-scaled direction when adaptive) in the base's per-parameter state, so it is
+            saved with ``state_dict()``; the other steps do what ``ascent_between`` says. K = 1
+            (default) is the method. Refused by methods without an ascent of that form.
+        ascent_between: on the other steps, ``"reuse_e"`` (default) perturbs by e_j = rho_j(t) u_j
+            (the CURRENT radius, the stored direction) with no ascent backward; the clean term is
+            still computed at w when its coefficients are not all zero (one host sync per such
+            step); when the perturbed pass is the step's only pass it updates the normalization
+            statistics even under norm_stats="freeze". ``"base"`` takes the method at rho = 0:
+            one pass at w on the sum of every group's coefficients (SAM: a plain step; RST and
+            SS-SAM, Zhao et al. 2022).
+        ascent_schedule: which steps take a fresh ascent: ``"every_K"`` (default; steps t with
+            t mod K = 0, t counting the steps taken, a skipped step not counting) or
+            ``"bernoulli"`` (each step with probability p = 1/K, drawn from a generator seeded
+            with ``ascent_seed`` and saved with ``state_dict()``). A step with no stored
+            direction (the first; a new perturbed group) always ascends.
+        ascent_subset: m, the cost option "ascent on a sub-batch" (generic option B): an integer
+            >= 1, or a fraction of the batch in (0, 1] (m = max(1, floor(fraction * B))). Only the
+            direction changes: u_j = unit(grad (1/m_j) sum_{b in S_j} c^j_b l_b(w)), S_j drawn
+            only among the samples with c^j_b != 0, m_j = min(m, their count); the clean and
+            perturbed terms stay on the whole batch with 1/B. Under torch.distributed each process
+            draws its own S_j from its own batch. None (default): the whole batch. Needs labelled
+            steps (per-sample losses).
+        ascent_subset_mode: ``"random"`` (default; uniform without replacement, from the
+            ``ascent_seed`` generator) or ``"topk"`` (the largest detached c^j_b l_b(w), taken from
+            the forward at w; a method without a clean term, such as SAM, adds a no-grad forward).
+        ascent_subset_pass: ``"separate"`` (default): an extra forward and backward on S_j only
+            (F_m + B_m; the normalization layers see S_j's statistics). With a closure that takes
+            ``index`` (``lambda index=None: model(x if index is None else x[index])``, as K-SAM's)
+            only those samples are forwarded; otherwise the whole batch is and the rows outside
+            S_j are masked (no saving). ``"graph"``: the masked ascent term is backpropagated
+            through the forward at w (exact, saves nothing; with "topk" every micro-batch's graph
+            is kept until the selection).
+        ascent_seed: the seed of the generator of "bernoulli" and "random" (default 0).
         **base_kwargs: passed to ``base`` (lr, momentum, weight_decay, ...).
     """
 
@@ -182,6 +225,11 @@ class SharpnessAware(torch.optim.Optimizer):
     passes: str = ""
     #: the norm_stats values the method accepts.
     norm_stats_choices: tuple[str, ...] = NORM_STATS
+    #: why the method refuses a cost option (ascent_every, ascent_subset); absent: it accepts it.
+    cost_refusals: dict[str, str] = {
+        "ascent_every": "it has no ascent of the unified form to reuse",
+        "ascent_subset": "it has no ascent of the unified form to take on a sub-batch",
+    }
 
     def __init__(
         self,
@@ -199,8 +247,24 @@ class SharpnessAware(torch.optim.Optimizer):
         grad_scaler: torch.amp.GradScaler | None = None,
         ascent_sync: bool = True,
         process_group: Any = None,
+        ascent_every: int = 1,
+        ascent_between: str = "reuse_e",
+        ascent_schedule: str = "every_K",
+        ascent_subset: float | None = None,
+        ascent_subset_mode: str = "random",
+        ascent_subset_pass: str = "separate",
+        ascent_seed: int = 0,
         **base_kwargs: Any,
     ) -> None:
+        self._init_cost_options(
+            ascent_every,
+            ascent_between,
+            ascent_schedule,
+            ascent_subset,
+            ascent_subset_mode,
+            ascent_subset_pass,
+            ascent_seed,
+        )
         for key, value in radii.items():
             check_range(key, value, 0.0)
         choices = type(self).norm_stats_choices
@@ -279,11 +343,14 @@ class SharpnessAware(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state (with the shared param groups) and the method's own."""
-        return {
+        state = {
             "method": type(self).__name__,
             "base": self.base.state_dict(),
             "extra": self.extra_state(),
         }
+        if self._generator is not None or self.ascent_every > 1:
+            state["cost"] = self._cost_state()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what `state_dict` saved; a plain torch optimizer state dict loads into the base."""
@@ -301,6 +368,7 @@ class SharpnessAware(torch.optim.Optimizer):
         self.param_groups = self.base.param_groups
         self.state = self.base.state
         self.load_extra_state(state_dict.get("extra", {}))
+        self._load_cost_state(state_dict.get("cost", {}))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base={self.base!r})"
@@ -342,7 +410,10 @@ class SharpnessAware(torch.optim.Optimizer):
         )
         if guarded and self._step_stats:
             # what a skipped step restores: the statistics before any of its passes
-            torch._foreach_copy_(self._scratch_like("step_stats", self._step_stats), self._step_stats)
+            torch._foreach_copy_(
+                self._scratch_like("step_stats", self._step_stats), self._step_stats
+            )
+        self._fresh = self._draw_fresh()
         with no_sync:
             return self._update(batch)
 
@@ -445,9 +516,12 @@ class SharpnessAware(torch.optim.Optimizer):
                 )
         return labels
 
-    def _forward(self, closure: Callable[[], Tensor], labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Re-evaluate the model at the current weights: (logits, per-sample losses)."""
-        with torch.enable_grad():
+    def _forward(
+        self, closure: Callable[[], Tensor], labels: Tensor, grad: bool = True
+    ) -> tuple[Tensor, Tensor]:
+        """Re-evaluate the model at the current weights: (logits, per-sample losses); `grad`
+        False records no graph."""
+        with torch.set_grad_enabled(grad):
             logits = closure()
             if not isinstance(logits, Tensor) or logits.dim() != 2:
                 got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
@@ -547,8 +621,12 @@ class SharpnessAware(torch.optim.Optimizer):
         radius: str | None = "rho",
         scale: Tensor | float | None = None,
         average: bool = True,
+        store: str | None = None,
     ) -> Grads:
         """The perturbation e = rho * unit(g) (or ASAM's adaptive one), rho = the group's `radius`.
+
+        `store` (a radius key) keeps u = e / rho for reuse under ascent_every > 1; it enters the
+        state only if the step is taken (`_base_step`).
 
         `scale` replaces 1 / (||g|| + eps) when a method computes its own normalisation; a `radius`
         of None scales every group by 1. Under torch.distributed with ascent_sync, g is first
@@ -584,6 +662,11 @@ class SharpnessAware(torch.optim.Optimizer):
             scale = torch.where(finite, scale, torch.zeros_like(norm))
         for i, d in zip(present, direction, strict=True):
             e[i] = d
+        if store is not None and self.ascent_every > 1:
+            units: Grads = [None] * len(params)
+            for i, u in zip(present, torch._foreach_mul(direction, scale), strict=True):
+                units[i] = u
+            self._pending[store] = units
         start = 0
         for group in self.param_groups:
             members = [i for i in range(start, start + _n_trainable(group)) if e[i] is not None]
@@ -727,26 +810,385 @@ class SharpnessAware(torch.optim.Optimizer):
             if self._step_stats:
                 with torch.no_grad():
                     torch._foreach_copy_(self._step_stats, self._scratch["step_stats"])
+        elif self.ascent_every > 1:
+            self._commit_units(params)
+        self._pending = {}
 
     def _unified(
         self,
         batch: Batch,
         clean: Tensor | None,
-        perturbed: Sequence[tuple[Tensor, str]],
-    ) -> StepOutput:
+        perturbed: Sequence[tuple[Tensor | None, str]],
+        ascent: Terms | None = None,
+    ) -> Tensor | StepOutput:
         """The unified form with per-class coefficients: a clean group with coefficient clean[y_b]
-        at w (skipped when None), and perturbed groups (table c^k, radius key), each at
-        w + e_k with e_k = rho_k unit(grad (1/B) sum_b c^k[y_b] l_b(w))."""
+        at w (skipped when None), and perturbed groups (table c^k, or None for c^k_b = 1; radius
+        key), each at w + e_k with e_k = rho_k unit(grad (1/B) sum_b c^k[y_b] l_b(w)). `ascent`
+        replaces the per-sample ascent terms c^k_b l_b(w) (BiSAM's lower bound). The cost options
+        (ascent every K steps, ascent on a sub-batch) act here, once for every method of this form.
+        """
         params = self._params()
-        tables = ([] if clean is None else [clean]) + [c for c, _ in perturbed]
-        grads, out = self._pass(params, batch, lambda z, losses, y: [t[y] * losses for t in tables])
-        parts = grads[: len(tables) - len(perturbed)]
-        for (c, key), g in zip(perturbed, grads[len(parts) :], strict=True):
-            with self._perturbed(params, self._ascent(params, g, key)):
-                (g_k,), _ = self._pass(params, batch, lambda z, losses, y, c=c: [c[y] * losses])
-            parts.append(g_k)
+        if all(self._reusing(key) for _, key in perturbed):
+            return self._between(params, batch, clean, perturbed)
+        if self.ascent_subset is not None:
+            return self._subset_step(params, batch, clean, perturbed, ascent)
+        tables = [] if clean is None else [clean]
+
+        def terms(z: Tensor, losses: Tensor, y: Tensor) -> list[Tensor]:
+            first = [_weighted(t, y, losses) for t in tables]
+            if ascent is not None:
+                return first + list(ascent(z, losses, y))
+            return first + [_weighted(c, y, losses) for c, _ in perturbed]
+
+        grads, out = self._pass(params, batch, terms)
+        parts = grads[: len(tables)]
+        for (c, key), g in zip(perturbed, grads[len(tables) :], strict=True):
+            parts.append(
+                self._perturbed_pass(params, batch, c, self._ascent(params, g, key, store=key))
+            )
         self._base_step(params, *parts)
         return out
+
+    def _perturbed_pass(
+        self, params: list[Tensor], batch: Batch, c: Tensor | None, e: Grads, only: bool = False
+    ) -> Grads:
+        """grad (1/B) sum_b c[y_b] l_b(w + e); `only`: this is the step's only pass over the whole
+        batch, so it updates the normalization statistics whatever norm_stats says."""
+        with self._perturbed(params, e, freeze=False if only else None):
+            (g,), self._last_out = self._pass(
+                params, batch, lambda z, losses, y: [_weighted(c, y, losses)]
+            )
+        return g
+
+    # ----------------------------------------------------------------------------------------------
+    # Cost options (spec/ALGORITHMS-EFFICIENT.md, "Generic options for any unified-form method")
+
+    def _init_cost_options(
+        self,
+        every: int,
+        between: str,
+        schedule: str,
+        subset: float | None,
+        mode: str,
+        subset_pass: str,
+        seed: int,
+    ) -> None:
+        """Validate the cost options (documented in the class docstring) and refuse those the
+        method cannot take."""
+        name = type(self).__name__
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ValueError(
+                f"ascent_every must be an integer >= 1 (ascend every K steps; 1 is the method); "
+                f"got {every!r}"
+            )
+        for key, value, choices in (
+            ("ascent_between", between, ASCENT_BETWEEN),
+            ("ascent_schedule", schedule, ASCENT_SCHEDULES),
+            ("ascent_subset_mode", mode, SUBSET_MODES),
+            ("ascent_subset_pass", subset_pass, SUBSET_PASSES),
+        ):
+            if value not in choices:
+                raise ValueError(f"{key} must be one of {choices}; got {value!r}")
+        if subset is not None:
+            ok = isinstance(subset, (int, float)) and not isinstance(subset, bool)
+            if ok and isinstance(subset, int):
+                ok = subset >= 1
+            elif ok:
+                ok = math.isfinite(subset) and 0 < subset <= 1
+            if not ok:
+                raise ValueError(
+                    "ascent_subset must be a sample count >= 1 (int) or a fraction of the batch in "
+                    f"(0, 1] (float), or None for the whole batch; got {subset!r}"
+                )
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"ascent_seed must be an integer; got {seed!r}")
+        for key, used in (("ascent_every", every > 1), ("ascent_subset", subset is not None)):
+            if used and key in self.cost_refusals:
+                raise ValueError(
+                    f"{name} does not take {key}: {self.cost_refusals[key]}; drop the option"
+                )
+        self.ascent_every = every
+        self.ascent_between = between
+        self.ascent_schedule = schedule
+        self.ascent_subset = subset
+        self.ascent_subset_mode = mode
+        self.ascent_subset_pass = subset_pass
+        random = (every > 1 and schedule == "bernoulli") or (
+            subset is not None and mode == "random"
+        )
+        self._generator = torch.Generator().manual_seed(seed) if random else None
+        self._ascent_steps = 0  # steps taken under ascent_every > 1 (t of "t mod K")
+        self._unit_keys: set[str] = set()  # radius keys whose unit directions are stored
+        self._pending: dict[str, Grads] = {}  # this step's fresh unit directions, by radius key
+        self._fresh = True
+        self._last_out: Tensor | StepOutput | None = None  # the last perturbed pass's output
+
+    def _draw_fresh(self) -> bool:
+        """Whether this step takes a fresh ascent (ascent_schedule); a reuse step still ascends
+        for a group with no stored direction (`_reusing`)."""
+        if self.ascent_every == 1:
+            return True
+        if self.ascent_schedule == "every_K":
+            return self._ascent_steps % self.ascent_every == 0
+        assert self._generator is not None
+        return bool(torch.rand((), generator=self._generator) < 1.0 / self.ascent_every)
+
+    def _reusing(self, key: str) -> bool:
+        """Whether this step reuses the stored direction of the perturbed group of radius `key`."""
+        return not self._fresh and key in self._unit_keys
+
+    def _commit_units(self, params: list[Tensor]) -> None:
+        """A step was taken: count it, and store the unit directions of its fresh ascents."""
+        self._ascent_steps += 1
+        for key, units in self._pending.items():
+            for p, u in zip(params, units, strict=True):
+                if u is not None:
+                    self.state[p][UNIT + key] = u
+                elif p in self.state:
+                    self.state[p].pop(UNIT + key, None)
+            self._unit_keys.add(key)
+
+    def _reused(self, params: list[Tensor], key: str) -> Grads:
+        """e = rho(t) u from the stored unit direction u of radius `key`, rho(t) the group's
+        current radius."""
+        e: Grads = [None] * len(params)
+        start = 0
+        for group in self.param_groups:
+            n = _n_trainable(group)
+            idx = [
+                i for i in range(start, start + n) if UNIT + key in self.state.get(params[i], {})
+            ]
+            start += n
+            if idx:
+                scaled = torch._foreach_mul(
+                    [self.state[params[i]][UNIT + key] for i in idx], group[key]
+                )
+                for i, t in zip(idx, scaled, strict=True):
+                    e[i] = t
+        return e
+
+    def _between(
+        self,
+        params: list[Tensor],
+        batch: Batch,
+        clean: Tensor | None,
+        perturbed: Sequence[tuple[Tensor | None, str]],
+    ) -> Tensor | StepOutput:
+        """A step without a fresh ascent (ascent_between)."""
+        if self.ascent_between == "base":
+            tables = ([] if clean is None else [clean]) + [c for c, _ in perturbed]
+
+            def total(z: Tensor, losses: Tensor, y: Tensor) -> list[Tensor]:
+                return [sum(_weighted(t, y, losses) for t in tables)]
+
+            (g,), out = self._pass(params, batch, total)
+            self._base_step(params, g)
+            return out
+        parts, out = [], None
+        if clean is not None and bool((clean != 0).any()):
+            (g_c,), out = self._pass(
+                params, batch, lambda z, losses, y: [_weighted(clean, y, losses)]
+            )
+            parts.append(g_c)
+        for c, key in perturbed:
+            parts.append(
+                self._perturbed_pass(params, batch, c, self._reused(params, key), out is None)
+            )
+            if out is None:
+                out = self._last_out
+        self._base_step(params, *parts)
+        return out
+
+    def _subset_size(self, size: int) -> int:
+        """m for a batch of `size` samples."""
+        m = self.ascent_subset
+        if isinstance(m, float):
+            return max(1, math.floor(m * size))
+        return int(m or 0)
+
+    def _choose(self, eligible: Tensor, scores: Tensor | None, m: int) -> tuple[Tensor, int]:
+        """(membership mask of S, m_j): m_j = min(m, eligible count) samples among the eligible,
+        uniformly (random) or of the largest score (topk). One host sync (the count)."""
+        idx = eligible.nonzero()[:, 0]
+        m_j = min(m, idx.numel())
+        if scores is None:
+            assert self._generator is not None
+            order = torch.randperm(idx.numel(), generator=self._generator)[:m_j]
+            pick = idx[order.to(idx.device)]
+        else:
+            pick = idx[torch.topk(scores[idx], m_j).indices]
+        mask = torch.zeros_like(eligible).index_fill_(0, pick, True)
+        return mask, m_j
+
+    def _subset_step(
+        self,
+        params: list[Tensor],
+        batch: Batch,
+        clean: Tensor | None,
+        perturbed: Sequence[tuple[Tensor | None, str]],
+        ascent: Terms | None,
+    ) -> Tensor | StepOutput:
+        """A fresh step whose ascent directions come from sub-batches S_j (ascent_subset)."""
+        if batch.labels is None:
+            raise TypeError(
+                "ascent_subset needs per-sample losses: call opt.step(closure, labels) with a "
+                "closure that returns the logits"
+            )
+        y_all = torch.cat(batch.labels) if len(batch.labels) > 1 else batch.labels[0]
+        m = self._subset_size(batch.size)
+        topk = self.ascent_subset_mode == "topk"
+        graph = self.ascent_subset_pass == "graph"
+        tables = [] if clean is None else [clean]
+
+        def vectors(z: Tensor, losses: Tensor, y: Tensor) -> list[Tensor]:
+            if ascent is not None:
+                return list(ascent(z, losses, y))
+            return [_weighted(c, y, losses) for c, _ in perturbed]
+
+        def choose(scores: list[Tensor] | None) -> list[tuple[Tensor, int]]:
+            picks = []
+            for j, (c, _) in enumerate(perturbed):
+                eligible = torch.ones_like(y_all, dtype=torch.bool) if c is None else c[y_all] != 0
+                picks.append(self._choose(eligible, None if scores is None else scores[j], m))
+            return picks
+
+        out: Tensor | StepOutput | None = None
+        if graph:
+            grads, out = self._pass_selected(params, batch, tables, vectors, choose)
+            parts, ascents = grads[: len(tables)], grads[len(tables) :]
+        else:
+            scores: list[list[Tensor]] = [[] for _ in perturbed]
+
+            def record(z: Tensor, losses: Tensor, y: Tensor) -> list[Tensor]:
+                if topk:
+                    for j, v in enumerate(vectors(z, losses, y)):
+                        scores[j].append(v.detach())
+                return [_weighted(t, y, losses) for t in tables]
+
+            parts = []
+            if tables:
+                parts, out = self._pass(params, batch, record)
+            elif topk:  # SAM-like: a no-grad forward at w to rank the samples
+                logits, losses_all = [], []
+                for closure, y in zip(batch.closures, batch.labels, strict=True):
+                    z, losses = self._forward(closure, y, grad=False)
+                    record(z, losses, y)
+                    logits.append(z)
+                    losses_all.append(losses)
+                out = StepOutput(torch.cat(losses_all).sum() / batch.size, torch.cat(logits))
+            picks = choose([torch.cat(v) for v in scores] if topk else None)
+            ascents = [
+                self._subset_pass(params, batch, j, mask, m_j, vectors)
+                for j, (mask, m_j) in enumerate(picks)
+            ]
+        for (c, key), g in zip(perturbed, ascents, strict=True):
+            e = self._ascent(params, g, key, store=key)
+            parts.append(self._perturbed_pass(params, batch, c, e, only=out is None))
+            if out is None:
+                out = self._last_out
+        self._base_step(params, *parts)
+        return out
+
+    def _subset_pass(
+        self,
+        params: list[Tensor],
+        batch: Batch,
+        j: int,
+        mask: Tensor,
+        m_j: int,
+        vectors: Terms,
+    ) -> Grads:
+        """grad (1/m_j) sum_{b in S_j} v_j[b] from a forward on S_j only (zeros when S_j is empty)."""
+        grads: Grads = [None] * len(params)
+        start = 0
+        for closure, labels in zip(batch.closures, batch.labels or [], strict=True):
+            n = labels.shape[0]
+            part = mask[start : start + n]
+            start += n
+            if m_j == 0:
+                continue
+            if takes_index(closure):
+                index = part.nonzero()[:, 0]
+                if not index.numel():
+                    continue
+                z, losses = self._forward(lambda c=closure, i=index: c(index=i), labels[index])
+                v = vectors(z, losses, labels[index])[j]
+            else:
+                z, losses = self._forward(closure, labels)
+                v = vectors(z, losses, labels)[j] * part
+            grads = self._backward(v.sum() / m_j, params, into=grads)
+        if all(g is None for g in grads):
+            return [torch.zeros_like(p) for p in params]
+        return grads
+
+    def _pass_selected(
+        self,
+        params: list[Tensor],
+        batch: Batch,
+        tables: list[Tensor],
+        vectors: Terms,
+        choose: Callable[[list[Tensor] | None], list[tuple[Tensor, int]]],
+    ) -> tuple[list[Grads], StepOutput]:
+        """The pass at w of ascent_subset_pass="graph": forward every micro-batch (keeping the
+        graphs), choose the sub-batches from the detached ascent terms, then backpropagate the
+        clean terms and each masked ascent term (1/B; the scale cancels in unit())."""
+        assert batch.labels is not None
+        fwd = []
+        for closure, y in zip(batch.closures, batch.labels, strict=True):
+            z, losses = self._forward(closure, y)
+            with torch.enable_grad():
+                fwd.append((z, losses, y, vectors(z, losses, y)))
+        topk = self.ascent_subset_mode == "topk"
+        picks = choose(
+            [torch.cat([f[3][j].detach() for f in fwd]) for j in range(len(fwd[0][3]))]
+            if topk
+            else None
+        )
+        n_terms = len(tables) + len(picks)
+        grads: list[Grads] = [[None] * len(params) for _ in range(n_terms)]
+        start = 0
+        for _z, losses, y, vs in fwd:
+            n = y.shape[0]
+            with torch.enable_grad():
+                terms = [_weighted(t, y, losses) for t in tables] + [
+                    v * mask[start : start + n] for v, (mask, _) in zip(vs, picks, strict=True)
+                ]
+            start += n
+            for k, v in enumerate(terms):
+                grads[k] = self._backward(
+                    v.sum() / batch.size, params, retain_graph=k < n_terms - 1, into=grads[k]
+                )
+        loss = torch.cat([f[1].detach() for f in fwd]).sum() / batch.size
+        logits = torch.cat([f[0].detach() for f in fwd])
+        return grads, StepOutput(loss, logits)
+
+    def _cost_state(self) -> dict[str, Any]:
+        """What the cost options carry across steps, beyond the unit directions (which live in the
+        base's per-parameter state): the step count, the stored keys, the generator."""
+        state: dict[str, Any] = {"steps": self._ascent_steps, "unit_keys": sorted(self._unit_keys)}
+        if self._generator is not None:
+            state["generator"] = self._generator.get_state()
+        return state
+
+    def _load_cost_state(self, state: dict[str, Any]) -> None:
+        """Restore what `_cost_state` returned (nothing: a fresh start)."""
+        self._ascent_steps = int(state.get("steps", 0))
+        self._unit_keys = set(state.get("unit_keys", []))
+        if self._generator is not None and "generator" in state:
+            self._generator.set_state(state["generator"])
+
+
+def _weighted(c: Tensor | None, y: Tensor, losses: Tensor) -> Tensor:
+    """The per-sample term c[y_b] l_b (c None: l_b)."""
+    return losses if c is None else c[y] * losses
+
+
+def takes_index(closure: Callable[..., Tensor]) -> bool:
+    """Whether a closure accepts the sample indices as ``index`` (forwards only those samples)."""
+    try:
+        return "index" in inspect.signature(closure).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _stepped() -> bool:
@@ -828,8 +1270,10 @@ class ClassAware(SharpnessAware):
     def num_classes(self) -> int:
         return self.class_counts.numel()
 
-    def _forward(self, closure: Callable[[], Tensor], labels: Tensor) -> tuple[Tensor, Tensor]:
-        logits, losses = super()._forward(closure, labels)
+    def _forward(
+        self, closure: Callable[[], Tensor], labels: Tensor, grad: bool = True
+    ) -> tuple[Tensor, Tensor]:
+        logits, losses = super()._forward(closure, labels, grad)
         if logits.dim() != 2 or logits.shape[1] != self.num_classes:
             raise ValueError(
                 f"class_counts has {self.num_classes} classes but the model returned logits of "

@@ -38,6 +38,10 @@ class CRSAM(SharpnessAware):
     """
 
     passes = "3F 3B"
+    cost_refusals: dict[str, str] = {
+        "ascent_every": "it needs the gradient at w every step, so a reused ascent saves no pass",
+        "ascent_subset": "it is not of the unified form (its gradient at w enters the final gradient)",
+    }
     norm_stats_choices = ("update", "freeze", "authors")
 
     def __init__(

@@ -36,6 +36,7 @@ class FocalSAM(ClassAware):
     the defaults of rho, gamma and lam are samkit's (the authors' values are above).
     """
 
+    cost_refusals: dict[str, str] = {}
     passes = "2F 3B"
 
     def __init__(

@@ -49,6 +49,9 @@ class FriendlySAM(SharpnessAware):
     """
 
     passes = "2F 2B"
+    cost_refusals: dict[str, str] = {
+        "ascent_subset": "its direction is the batch gradient minus an EMA of whole-batch gradients"
+    }
 
     def __init__(
         self,
@@ -69,6 +72,8 @@ class FriendlySAM(SharpnessAware):
         super().__init__(params, base, radii={"rho": rho}, **kwargs)
 
     def _update(self, batch: Batch) -> Tensor | StepOutput:
+        if self._reusing("rho"):  # ascent_every: m moves only on ascent steps (the spec's note)
+            return self._unified(batch, clean=None, perturbed=[(None, "rho")])
         params = self._params()
         (g,), out = self._pass(params, batch)
         idx = vec.present(g)
@@ -88,7 +93,7 @@ class FriendlySAM(SharpnessAware):
                 new.append(m_new)
                 m_d = m_new if self.ema_order == "paper" else mk
                 d[idx[k]] = gk if m_d is None else gk - self.sigma * m_d
-        e = self._ascent(params, d, average=False)
+        e = self._ascent(params, d, average=False, store="rho")
         with self._perturbed(params, e):
             (g_adv,), _ = self._pass(params, batch)
         self._base_step(params, g_adv)

@@ -49,6 +49,10 @@ class GSAM(SharpnessAware):
     """
 
     passes = "2F 2B"
+    cost_refusals: dict[str, str] = {
+        "ascent_every": "it needs the gradient at w every step, so a reused ascent saves no pass",
+        "ascent_subset": "it is not of the unified form (its gradient at w enters the final gradient)",
+    }
     radius_keys = ("rho", "rho_min")
 
     def __init__(

@@ -46,6 +46,7 @@ class ImbSAM(ClassAware):
     both authors' codes.
     """
 
+    cost_refusals: dict[str, str] = {}
     passes = "2F 3B"
 
     def __init__(

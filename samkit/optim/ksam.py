@@ -28,7 +28,6 @@ takes its own top k (k from its own batch).
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -37,16 +36,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from samkit.optim.core import Batch, Grads, SharpnessAware, StepOutput, _norm_buffers, check_range
+from samkit.optim.core import (
+    Batch,
+    Grads,
+    SharpnessAware,
+    StepOutput,
+    _norm_buffers,
+    check_range,
+    takes_index,
+)
 from samkit.optim.registry import register
-
-
-def takes_index(closure: Callable[..., Tensor]) -> bool:
-    """Whether a closure accepts the sample indices as ``index``."""
-    try:
-        return "index" in inspect.signature(closure).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 @register("ksam", "k-sam")
@@ -65,6 +64,10 @@ class KSAM(SharpnessAware):
     """
 
     passes = "1F (no grad) + 2F 2B on k of B samples"
+    cost_refusals: dict[str, str] = {
+        "ascent_every": "K-SAM ranks the batch at w and ascends on its top k every step",
+        "ascent_subset": "K-SAM already ascends on a sub-batch: set its k or fraction",
+    }
     needs_labels = True
 
     def __init__(

@@ -47,6 +47,10 @@ class LookSAM(SharpnessAware):
     """
 
     passes = "2F 2B every k-th step, 1F 1B otherwise"
+    cost_refusals: dict[str, str] = {
+        "ascent_every": "LookSAM has its own period: set its k",
+        "ascent_subset": "it is not of the unified form (its gradient at w enters the final gradient)",
+    }
 
     def __init__(
         self,

@@ -64,6 +64,10 @@ class MSAM(SharpnessAware):
 
     radius_keys = ("rho",)
     passes = "1F 1B"
+    cost_refusals: dict[str, str] = {
+        "ascent_every": "Momentum-SAM has no ascent pass (it perturbs along the momentum buffer)",
+        "ascent_subset": "Momentum-SAM has no ascent pass (it perturbs along the momentum buffer)",
+    }
 
     def __init__(
         self,

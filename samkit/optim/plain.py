@@ -21,6 +21,10 @@ class Plain(SharpnessAware):
 
     radius_keys = ()
     passes = "1F 1B"
+    cost_refusals: dict[str, str] = {
+        "ascent_every": "the base optimizer has no ascent",
+        "ascent_subset": "the base optimizer has no ascent",
+    }
 
     def __init__(
         self,

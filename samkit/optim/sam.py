@@ -34,6 +34,7 @@ class SAM(SharpnessAware):
     """
 
     passes = "2F 2B"
+    cost_refusals: dict[str, str] = {}
 
     def __init__(
         self,
@@ -46,12 +47,7 @@ class SAM(SharpnessAware):
         super().__init__(params, base, radii={"rho": rho}, **kwargs)
 
     def _update(self, batch: Batch) -> Tensor | StepOutput:
-        params = self._params()
-        (g,), out = self._pass(params, batch)
-        with self._perturbed(params, self._ascent(params, g)):
-            (g_adv,), _ = self._pass(params, batch)
-        self._base_step(params, g_adv)
-        return out
+        return self._unified(batch, clean=None, perturbed=[(None, "rho")])
 
 
 @register("asam")

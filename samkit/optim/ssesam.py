@@ -43,6 +43,7 @@ class SSESAM(ClassAware):
     Under ``norm_stats="freeze"`` only samkit's one pass at w per step updates them.
     """
 
+    cost_refusals: dict[str, str] = {}
     passes = "3F 4B, then 2F 3B"
 
     radius_keys = ("rho_head", "rho_tail")
