@@ -15,10 +15,18 @@ logged ``grad_norm`` is its norm before clipping. The optimizer is samkit's `met
 usual parameter groups (no weight decay on biases and normalization weights) with AdamW as the base
 (``args.learning_rate``, ``weight_decay``, ``adam_beta1``, ``adam_beta2``, ``adam_epsilon``), unless
 ``base`` (a torch optimizer class) or ``optimizers=(samkit_optimizer, scheduler)`` is given.
+
+Every samkit method works, the efficient ones included. Momentum-SAM's model holds the perturbed w~
+between steps: ``evaluate``, ``predict``, ``save_model`` and the Trainer's checkpoints see w (a
+checkpoint holds w with the optimizer state that goes with it, so a resumed run perturbs again from
+the restored momentum: the same w~ up to the rounding of one add and subtract), and ``train`` leaves
+the model at w. K-SAM's passes on its top-k samples forward only those rows (each input tensor
+whose first dimension is the batch is indexed).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -28,7 +36,14 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer
 
 import samkit.optim as so
-from samkit.integrations._common import before_base_step, clip_grad_norm, unwrap
+from samkit.integrations._common import (
+    at_w,
+    before_base_step,
+    clip_grad_norm,
+    select_rows,
+    to_w,
+    unwrap,
+)
 
 
 class SharpnessAwareTrainer(Trainer):
@@ -126,7 +141,13 @@ class SharpnessAwareTrainer(Trainer):
         opt.set_epoch(int(self.state.epoch or 0))
         if isinstance(model, DistributedDataParallel):
             opt.model = model
-        closures = [lambda i=i: self._samkit_logits(model, i, label) for i in pending]
+        # K-SAM calls a closure with `index` (its top-k samples) to forward only those
+        closures = [
+            lambda index=None, i=i, n=i[label].shape[0]: self._samkit_logits(
+                model, i if index is None else select_rows(i, index, n), label
+            )
+            for i in pending
+        ]
         labels = [i[label] for i in pending]
         self._samkit_grad_norm = None
 
@@ -144,3 +165,39 @@ class SharpnessAwareTrainer(Trainer):
     def _clip_grad_norm(self, model: nn.Module) -> Tensor | None:
         """The final gradient was clipped before the base step: report its norm before clipping."""
         return self._samkit_grad_norm
+
+    # -- Momentum-SAM's model holds w~ between steps: everything outside the step sees w ------------
+
+    def _samkit_at_w(self) -> Any:
+        """A context holding the model at w (nothing to do before the optimizer exists)."""
+        return contextlib.nullcontext() if self.optimizer is None else at_w(unwrap(self.optimizer))
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``, leaving the model at w."""
+        out = super().train(*args, **kwargs)
+        if self.optimizer is not None:
+            to_w(unwrap(self.optimizer))
+        return out
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        with self._samkit_at_w():
+            return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        with self._samkit_at_w():
+            return super().predict(*args, **kwargs)
+
+    def save_model(self, *args: Any, **kwargs: Any) -> None:
+        with self._samkit_at_w():
+            super().save_model(*args, **kwargs)
+
+    def _save_checkpoint(self, *args: Any, **kwargs: Any) -> None:
+        # the weights and the optimizer state, both at w (the optimizer records that it is there)
+        with self._samkit_at_w():
+            super()._save_checkpoint(*args, **kwargs)
+
+    def _load_best_model(self) -> None:
+        # the best checkpoint holds w: the model leaves w~ first, so the optimizer agrees
+        if self.optimizer is not None:
+            to_w(unwrap(self.optimizer))
+        super()._load_best_model()
