@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +173,26 @@ def test_streaming_dataset_crops_and_seeds(tmp_path: Path) -> None:
     missing = FileList(tmp_path, ("nope.jpg",), torch.tensor([0]), ["a"], "file list l.txt")
     with pytest.raises(FileNotFoundError, match="nope.jpg .line 1 of file list l.txt. does not"):
         StreamingDataset(missing, 8)[0]
+
+
+@pytest.mark.parametrize("limit", [100, 200])  # 400 pixels: PIL's error (> 2 x 100), its warning
+def test_a_decompression_bomb_in_a_file_list_names_the_file_and_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: int
+) -> None:
+    entries = write_image_tree(tmp_path / "img", [1], size=20)
+    files = FileList(tmp_path / "img", tuple(p for p, _ in entries), torch.tensor([0]), ["a"],
+                     "file list l.txt")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    pattern = (rf"^{re.escape(str(tmp_path / 'img' / entries[0][0]))} \(from file list l.txt\) declares more "
+               r"pixels than PIL's decompression-bomb limit allows \(.*\); if the image is "
+               r"genuine, raise PIL.Image.MAX_IMAGE_PIXELS .*, else remove the file$")
+    for train in (False, True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no stray warning either
+            with pytest.raises(ValueError, match=pattern):
+                StreamingDataset(files, 8, train=train)[0]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # the file itself is fine
+    assert StreamingDataset(files, 8)[0][0].shape == (3, 8, 8)
 
 
 def test_streaming_loader_workers_resume_and_slices(tmp_path: Path) -> None:
