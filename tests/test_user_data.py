@@ -262,6 +262,40 @@ def test_file_list_miniature_trains_head_first(tmp_path: Path) -> None:
         prepare_data(load_config(None, ["data.name=filelist", f"data.root={tmp_path}"]))
 
 
+def test_sharpness_on_a_streamed_run_decodes_a_stratified_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`samkit sharpness` on a file-list run: the batch is up to --per-class images of every
+    class, decoded through the evaluation transform and normalised as training normalises."""
+    write_file_list_set(tmp_path / "mini", [5, 2, 1], 2, size=32)
+    recipe = ["data.name=filelist", f"data.root={tmp_path / 'mini'}", "data.train_list=train.txt",
+              "data.test_list=test.txt", "data.image_size=28", "data.workers=0",
+              "data.batch_size=8", "schedule.epochs=1", "optim.method=sam", "optim.kwargs={}",
+              f"run.out={tmp_path / 'runs'}", "run.name=mini", "run.threads=1"]
+    monkeypatch.setattr(Trainer, "_plot", lambda self: None)  # the run's plots are not tested here
+    Trainer(load_config(None, recipe), progress=False).run()
+    run = tmp_path / "runs" / "mini"
+    assert main(["sharpness", str(run), "--quiet", "--per-class", "3", "--hvps", "6",
+                 "--what", "trace,groups"]) == 0
+    result = json.loads((run / "sharpness" / "sharpness.json").read_text())
+    assert result["counts"] == [5, 2, 1] and result["samples"] == 3 + 2 + 1
+    assert result["trace"]["num_hvps"] == 6 and result["groups"]["names"] == ["few", "tail"]
+    # the batch itself: the training list's first images of each class, centre-cropped
+    from samkit.analysis.run import _analysis_batch
+
+    config = load_config(run / "config.yaml")
+    data = prepare_data(config)
+    x, y = _analysis_batch(data, 3, torch.device("cpu"), 28)
+    assert y.tolist() == [0, 0, 0, 1, 1, 2]
+    first = data.train.root / data.train.paths[int(torch.nonzero(data.train.labels == 2)[0])]
+    # the evaluation transform: resize the shorter side to round(28 / 0.875) = 32 (as it is),
+    # centre crop 28
+    pixels = np.asarray(Image.open(first).convert("RGB"))
+    expected = torch.from_numpy(pixels[2:30, 2:30].copy()).permute(2, 0, 1).float() / 255
+    mean, std = torch.tensor(data.mean)[:, None, None], torch.tensor(data.std)[:, None, None]
+    torch.testing.assert_close(x[5], (expected - mean) / std)
+
+
 def test_presets_know_their_list_files_and_classes(tmp_path: Path) -> None:
     """data.name=imagenet-lt finds ImageNet_LT_{train,val,test}.txt under data.root, has 1000
     classes named by their folders, and refuses a list of another data set."""
