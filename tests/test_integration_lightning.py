@@ -140,8 +140,8 @@ def test_bf16_mixed_runs_the_step_under_autocast():
 
 @pytest.mark.parametrize("method", ["focalsam", "msam", "looksam", "fsam"])
 def test_checkpoint_holds_w_and_resume_continues_exactly(tmp_path, method):
-    # the checkpoint of epoch 1 is written mid-run: Momentum-SAM's model then holds w~, LookSAM's
-    # step counter is odd (its next step reuses g_v), F-SAM holds its gradient average
+    # the checkpoint of epoch 1 is written mid-run: Momentum-SAM's model then holds w~; LookSAM's
+    # step counter and F-SAM's gradient average are in the optimizer state
     x, y = tiny_data(32)
     whole = tiny_model()
     every_epoch = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
@@ -157,7 +157,41 @@ def test_checkpoint_holds_w_and_resume_continues_exactly(tmp_path, method):
     again = trainer(max_epochs=3)
     again.fit(Lit(resumed, method), loader(x, y), ckpt_path=first)
     assert again.global_step == 12
-    assert_same_weights(resumed, whole)
+    assert_same_weights(resumed, whole, atol=0)  # bit for bit
+
+
+class StartRecorded(Lit):
+    """Records the weights training starts from (after a checkpoint is restored)."""
+
+    def on_train_start(self):
+        self.start = copy.deepcopy(self.net.state_dict())
+
+
+def test_momentum_sam_resume_starts_from_w_tilde_and_loading_gives_w(tmp_path):
+    x, y = tiny_data(32)
+    every_epoch = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
+    t = trainer(max_epochs=2, enable_checkpointing=True, callbacks=[every_epoch])
+    t.fit(Lit(tiny_model(), "msam"), loader(x, y))
+    first = tmp_path / "epoch=0.ckpt"
+    # samkit's own 4 steps: the model holds w~, at_w() shows w
+    ref = tiny_model()
+    opt = make_optimizer("msam", ref)
+    for xb, yb in zip(x.split(8), y.split(8)):
+        opt.step(lambda xb=xb: ref(xb), yb)
+    perturbed = copy.deepcopy(ref.state_dict())
+    with opt.at_w():
+        at_w = copy.deepcopy(ref.state_dict())
+    module = StartRecorded(tiny_model(seed=5), "msam")
+    trainer(max_epochs=2).fit(module, loader(x, y), ckpt_path=first)
+    for key, value in perturbed.items():
+        torch.testing.assert_close(module.start[key], value, rtol=0, atol=0, msg=key)
+    # outside a fit (load_from_checkpoint, validate, test) the checkpoint gives w
+    checkpoint = torch.load(first, weights_only=False)
+    Lit(tiny_model(), "msam").on_load_checkpoint(checkpoint)
+    assert "samkit_at_perturbed" not in checkpoint
+    for key, value in at_w.items():
+        torch.testing.assert_close(checkpoint["state_dict"][f"net.{key}"], value, rtol=0, atol=0)
+    assert not torch.equal(at_w["head.weight"], perturbed["head.weight"])
 
 
 class Validated(Lit):

@@ -19,7 +19,7 @@ from integration_helpers import (
     tiny_model,
 )
 
-from samkit.integrations.transformers import SharpnessAwareTrainer
+from samkit.integrations.transformers import PERTURBED_FILE, SharpnessAwareTrainer
 
 
 class Net(torch.nn.Module):
@@ -164,11 +164,17 @@ class Savable(torch.nn.Module):
 
 
 def test_momentum_sam_evaluates_and_checkpoints_at_w_and_resumes(tmp_path):
+    starts = []
+
+    class Start(transformers.TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            starts.append(copy.deepcopy(model.mlp.state_dict()))
+
     def run(out, resume=None):
         mlp = tiny_model()
         trainer = Evaluated(
             model=Savable(mlp), train_dataset=dataset(), eval_dataset=dataset(8), method="msam",
-            method_kwargs=method_kwargs("msam", mlp),
+            method_kwargs=method_kwargs("msam", mlp), callbacks=[Start()],
             args=args(out, eval_strategy="steps", eval_steps=1, save_strategy="steps",
                       save_steps=1, per_device_eval_batch_size=8, num_train_epochs=2))
         trainer.seen, trainer.evaluated = [], []
@@ -184,6 +190,8 @@ def test_momentum_sam_evaluates_and_checkpoints_at_w_and_resumes(tmp_path):
     opt = make_optimizer("msam", ref, **ADAMW)
     for i, window in enumerate(windows):
         opt.step([lambda xb=xb: ref(xb) for xb, _ in window], [yb for _, yb in window])
+        if i == 0:
+            perturbed_after_one = copy.deepcopy(ref.state_dict())
         with opt.at_w():
             torch.testing.assert_close(trainer.evaluated[i], ref.head.weight, rtol=0, atol=0)
             if i == 0:
@@ -196,8 +204,17 @@ def test_momentum_sam_evaluates_and_checkpoints_at_w_and_resumes(tmp_path):
     saved = load_file(first / "model.safetensors")
     for key, value in at_w_after_one.items():
         torch.testing.assert_close(saved[f"mlp.{key}"], value, rtol=0, atol=0, msg=key)
+    # beside them, w~ and the optimizer's state there: resuming continues bit for bit
+    held = torch.load(first / PERTURBED_FILE, weights_only=True)
+    assert held["extra"]["at_perturbed"] is True
+    names = {id(p): n for n, p in mlp.named_parameters()}  # the optimizer's order: its groups
+    order = [names[id(p)] for g in trainer.optimizer.param_groups for p in g["params"]]
+    for saved_p, name in zip(held["params"], order, strict=True):
+        torch.testing.assert_close(saved_p, perturbed_after_one[name], rtol=0, atol=0, msg=name)
     _, resumed = run(tmp_path / "again", resume=str(first))
-    assert_same_weights(resumed, mlp)
+    for key, value in perturbed_after_one.items():  # the resumed run starts from w~
+        torch.testing.assert_close(starts[1][key], value, rtol=0, atol=0, msg=key)
+    assert_same_weights(resumed, mlp, atol=0)
 
 
 def test_ksam_forwards_only_its_top_k_samples(tmp_path):

@@ -101,7 +101,6 @@ class SharpnessAwareAcceleratedOptimizer(AcceleratedOptimizer):
             self.grad_scaler.update()
         return out
 
-
     def at_w(self) -> contextlib.AbstractContextManager[None]:
         """Hold the model at w for the body (Momentum-SAM; nothing to do for other methods)."""
         return at_w(self.optimizer)

@@ -18,11 +18,11 @@ logged from the clean pass (override :meth:`log_clean` to log more), and ``globa
 
 Every samkit method works, the efficient ones included. Momentum-SAM's model holds the perturbed w~
 between steps: validation runs at w (and training resumes at w~ exactly, by copy), checkpoints hold w
-with the optimizer state that goes with it (a resumed run perturbs again from the restored momentum:
-the same w~ up to the rounding of one add and subtract), and the model is left at w when ``fit``
-ends. If you override ``on_validation_start``, ``on_validation_end``, ``on_train_end`` or
-``on_save_checkpoint``, call ``super()``. K-SAM's passes on its top-k samples forward only those
-rows (the inputs' tensors whose first dimension is the batch are indexed).
+with the optimizer state that goes with it (``load_from_checkpoint`` gives w), and the model is left
+at w when ``fit`` ends. A full checkpoint also keeps w~, so that ``fit(ckpt_path=...)`` continues bit
+for bit. If you override ``on_validation_start``, ``on_validation_end``, ``on_train_end``,
+``on_save_checkpoint`` or ``on_load_checkpoint``, call ``super()``. K-SAM's passes on its top-k
+samples forward only those rows (the inputs' tensors whose first dimension is the batch are indexed).
 """
 
 from __future__ import annotations
@@ -33,11 +33,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from samkit.integrations._common import at_w, before_base_step, select_rows, to_w, unwrap
 from samkit.optim.core import SharpnessAware, StepOutput
+
+RESUME_KEY = "samkit_at_perturbed"  # a checkpoint's weights and optimizer state at w~ (Momentum-SAM)
 
 
 class SharpnessAwareModule(pl.LightningModule):
@@ -183,11 +186,14 @@ class SharpnessAwareModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A checkpoint holds w and the optimizer state that goes with it, not Momentum-SAM's w~: the
-        weights and optimizer state are taken again at w (copies: the model returns to w~)."""
+        weights and optimizer state are taken again at w (copies: the model returns to w~). A full
+        checkpoint also keeps what Lightning took at w~, under ``RESUME_KEY``, so that resuming a
+        fit continues bit for bit (the optimizer's state tensors are shared, saved once)."""
         opt = self._samkit_optimizer()
         if opt is None or not hasattr(opt, "at_w"):
             return
         strategy = self.trainer.strategy
+        held = {k: checkpoint.get(k) for k in ("state_dict", "optimizer_states")}
         with at_w(opt):
             checkpoint["state_dict"] = {
                 k: v.detach().clone() for k, v in strategy.lightning_module_state_dict().items()
@@ -196,6 +202,17 @@ class SharpnessAwareModule(pl.LightningModule):
                 checkpoint["optimizer_states"] = [
                     strategy.optimizer_state(o) for o in self.trainer.optimizers
                 ]
+        if held["optimizer_states"] is not None:
+            checkpoint[RESUME_KEY] = held
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming a fit loads Momentum-SAM's w~ and its optimizer state as they were (see
+        :meth:`on_save_checkpoint`); anything else (``load_from_checkpoint``, validate, test)
+        loads w."""
+        held = checkpoint.pop(RESUME_KEY, None)
+        trainer = self._trainer
+        if held is not None and trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            checkpoint.update(held)
 
     def on_train_epoch_start(self) -> None:
         """Tell the optimizer the epoch (SSE-SAM switches stage by it)."""

@@ -18,15 +18,16 @@ usual parameter groups (no weight decay on biases and normalization weights) wit
 
 Every samkit method works, the efficient ones included. Momentum-SAM's model holds the perturbed w~
 between steps: ``evaluate``, ``predict``, ``save_model`` and the Trainer's checkpoints see w (a
-checkpoint holds w with the optimizer state that goes with it, so a resumed run perturbs again from
-the restored momentum: the same w~ up to the rounding of one add and subtract), and ``train`` leaves
-the model at w. K-SAM's passes on its top-k samples forward only those rows (each input tensor
-whose first dimension is the batch is indexed).
+checkpoint holds w with the optimizer state that goes with it, and beside them w~, so that
+``train(resume_from_checkpoint=...)`` continues bit for bit), and ``train`` leaves the model at w.
+K-SAM's passes on its top-k samples forward only those rows (each input tensor whose first dimension
+is the batch is indexed).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 import samkit.optim as so
 from samkit.integrations._common import (
@@ -44,6 +46,8 @@ from samkit.integrations._common import (
     to_w,
     unwrap,
 )
+
+PERTURBED_FILE = "samkit_at_perturbed.pt"  # in a checkpoint folder: Momentum-SAM's w~ and state
 
 
 class SharpnessAwareTrainer(Trainer):
@@ -191,13 +195,43 @@ class SharpnessAwareTrainer(Trainer):
         with self._samkit_at_w():
             super().save_model(*args, **kwargs)
 
-    def _save_checkpoint(self, *args: Any, **kwargs: Any) -> None:
-        # the weights and the optimizer state, both at w (the optimizer records that it is there)
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """The Trainer's checkpoint holds the weights and optimizer state at w (the optimizer
+        records that it is there); beside them, ``PERTURBED_FILE`` keeps Momentum-SAM's w~ and
+        its optimizer state there, so that resuming continues bit for bit."""
+        opt = None if self.optimizer is None else unwrap(self.optimizer)
+        held = None
+        if opt is not None and hasattr(opt, "at_w"):
+            held = {"params": [p.detach().clone() for p in _params(opt)],
+                    "extra": opt.extra_state()}
         with self._samkit_at_w():
-            super()._save_checkpoint(*args, **kwargs)
+            super()._save_checkpoint(model, trial)
+        if held is not None and self.args.should_save:
+            folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            torch.save(held, os.path.join(self._get_output_dir(trial=trial), folder,
+                                          PERTURBED_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Resuming: back to Momentum-SAM's w~ and its optimizer state, as they were saved."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        file = None if checkpoint is None else os.path.join(checkpoint, PERTURBED_FILE)
+        if file is None or not os.path.isfile(file):
+            return
+        held = torch.load(file, map_location="cpu", weights_only=True)
+        opt = unwrap(self.optimizer)
+        params = _params(opt)
+        with torch.no_grad():
+            torch._foreach_copy_(params, [t.to(p.device) for t, p in zip(held["params"], params,
+                                                                        strict=True)])
+        opt.load_extra_state(held["extra"])
 
     def _load_best_model(self) -> None:
         # the best checkpoint holds w: the model leaves w~ first, so the optimizer agrees
         if self.optimizer is not None:
             to_w(unwrap(self.optimizer))
         super()._load_best_model()
+
+
+def _params(opt: torch.optim.Optimizer) -> list[Tensor]:
+    """An optimizer's parameters, in its param groups' order."""
+    return [p for group in opt.param_groups for p in group["params"]]
