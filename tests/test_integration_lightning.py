@@ -160,6 +160,32 @@ def test_checkpoint_holds_w_and_resume_continues_exactly(tmp_path, method):
     assert_same_weights(resumed, whole, atol=0)  # bit for bit
 
 
+class Scheduled(Lit):
+    """The lr decays every step: GSAM's radius follows it (rho at lr_max, rho_min at lr 0)."""
+
+    def configure_optimizers(self):
+        opt = make_optimizer(self.method, self.net)
+        decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - 0.2 * step)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
+
+
+def test_gsam_radius_follows_the_learning_rate_schedule():
+    x, y = tiny_data(32)
+    net = tiny_model()
+    ref = copy.deepcopy(net)
+    t = trainer(max_epochs=1)
+    t.fit(Scheduled(net, "gsam"), loader(x, y))
+    opt = make_optimizer("gsam", ref)
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - 0.2 * step)
+    radii = []
+    for xb, yb in zip(x.split(8), y.split(8)):
+        radii.append(opt.radius(opt.param_groups[0]))
+        opt.step(lambda xb=xb: ref(xb), yb)
+        decay.step()
+    assert radii == pytest.approx([0.1, 0.084, 0.068, 0.052])  # rho_min + (rho - rho_min) lr/lr_0
+    assert_same_weights(net, ref)
+
+
 class StartRecorded(Lit):
     """Records the weights training starts from (after a checkpoint is restored)."""
 

@@ -193,7 +193,8 @@ class SharpnessAwareModule(pl.LightningModule):
         if opt is None or not hasattr(opt, "at_w"):
             return
         strategy = self.trainer.strategy
-        held = {k: checkpoint.get(k) for k in ("state_dict", "optimizer_states")}
+        held = {"state_dict": {k: v.detach().clone() for k, v in checkpoint["state_dict"].items()},
+                "optimizer_states": checkpoint.get("optimizer_states")}
         with at_w(opt):
             checkpoint["state_dict"] = {
                 k: v.detach().clone() for k, v in strategy.lightning_module_state_dict().items()
