@@ -55,6 +55,29 @@ def test_accumulate_equals_samkit_step_on_the_window(method, make_accelerator):
     assert_same_weights(net, ref)
 
 
+def test_ksam_closures_taking_the_index_forward_only_the_top_k(make_accelerator):
+    x, y = tiny_data(32)
+    batches = list(zip(x.split(8), y.split(8)))
+    net = tiny_model()
+    ref = reference_run("ksam", copy.deepcopy(net), [batches[:2], batches[2:]])
+    accelerator = make_accelerator(gradient_accumulation_steps=2)
+    model = accelerator.prepare(net)
+    opt = prepare_optimizer(accelerator, make_optimizer("ksam", model), model)
+    rows = []
+
+    def forward(x):
+        rows.append(x.shape[0])
+        return model(x)
+
+    for xb, yb in batches:
+        with accelerator.accumulate(model):
+            opt.step(lambda index=None, xb=xb: forward(xb if index is None else xb[index]), yb)
+    # each window: the ranking pass on 2 x 8, then two passes on the k = 8 chosen of 16
+    assert len(rows) == 12 and rows[:2] == rows[6:8] == [8, 8]
+    assert sum(rows[2:6]) == sum(rows[8:]) == 16
+    assert_same_weights(net, ref)
+
+
 def test_momentum_sam_at_w_and_save_state_resume_exactly(tmp_path, make_accelerator):
     x, y = tiny_data(32)
     batches = list(zip(x.split(8), y.split(8)))
