@@ -20,8 +20,15 @@ METHODS = {
     "ssesam": {"total_epochs": 1, "rho_head": 0.05, "rho_tail": 0.1},  # stage II from epoch 1
     "bisam": {"rho": 0.1},
     "crsam": {"rho": 0.1, "a": 0.1, "b": 0.01},
+    # the efficient methods: settings under which a few steps show each one's own state
+    "msam": {"rho": 0.3},  # the model holds w~ between steps
+    "ksam": {"rho": 0.1, "fraction": 0.5},  # closures take an index
+    "bsam": {"rho_max": 0.1, "rho_min": 0.05},
+    "gsam": {"rho": 0.1, "rho_min": 0.02, "alpha": 0.4},
+    "looksam": {"rho": 0.1, "k": 2, "alpha": 0.7},  # a step counter: SAM every 2nd step
+    "fsam": {"rho": 0.1, "sigma": 1.0, "lam": 0.6},  # an EMA of past gradients
 }
-LABEL_METHODS = ["imbsam", "ccsam", "focalsam", "ssesam", "bisam"]
+LABEL_METHODS = ["imbsam", "ccsam", "focalsam", "ssesam", "bisam", "ksam"]
 
 
 def method_kwargs(method: str, model: torch.nn.Module) -> dict:
@@ -57,12 +64,15 @@ def tiny_data(n: int = 32, seed: int = 1, dtype=torch.float64) -> tuple[torch.Te
 
 def reference_run(method, model, windows, epochs_of=None, **base):
     """samkit's own step on each window (a list of (x, y) micro-batches); `epochs_of[i]` is the
-    epoch of window i (for SSE-SAM's schedule)."""
+    epoch of window i (for SSE-SAM's schedule). The model ends at w (Momentum-SAM holds w~ between
+    steps; the integrations leave the trained model at w)."""
     opt = make_optimizer(method, model, **base)
     for i, window in enumerate(windows):
         opt.set_epoch(0 if epochs_of is None else epochs_of[i])
         opt.step([lambda x=x: model(x) for x, _ in window], [y for _, y in window])
         opt.zero_grad()
+    if isinstance(opt, so.MSAM):
+        opt.to_w()
     return model
 
 

@@ -8,7 +8,9 @@ import io
 import math
 import os
 import pickle
+import shutil
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -558,6 +560,44 @@ def test_image_folder_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SAMKIT_CACHE", str(tmp_path / "env-cache"))
     read_image_folder(archive, "test")
     assert len(list((tmp_path / "env-cache" / "image-folder").glob("*.npz"))) == 1
+
+
+def test_a_cached_archive_without_the_split_lists_the_splits_it_holds(tmp_path):
+    # issue 11, item 14: the cache held only the requested splits, so the error listed none
+    _write_folder(tmp_path / "pets")
+    shutil.rmtree(tmp_path / "pets" / "test")
+    archive = _tar_of(tmp_path / "pets", tmp_path / "pets.tar.gz", "pets")
+    cache = tmp_path / "cache"
+    for _ in range(2):  # decoded, then from the cache
+        with pytest.raises(ValueError, match=r"no split 'test'; splits found: 'train'$"):
+            read_image_folder(archive, "test", cache_dir=cache)
+        assert read_image_folder(archive, "train", cache_dir=cache).labels.tolist() == [
+            0, 0, 1, 1, 1, 2, 2]
+    assert len(list((cache / "image-folder").glob("*.npz"))) == 1
+
+
+def _bomb(file: Path, monkeypatch, limit: int) -> None:
+    """A 6x5 PNG, and PIL's decompression-bomb limit lowered to `limit` pixels (an error above
+    twice the limit, a warning above it)."""
+    Image.fromarray(_pixels(7)).save(file)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+
+
+@pytest.mark.parametrize("limit", [10, 20])  # 30 pixels: PIL's error (> 2 x 10), its warning
+def test_a_decompression_bomb_image_names_the_file_and_the_fix(tmp_path, monkeypatch, limit):
+    _write_folder(tmp_path / "pets")
+    bomb = tmp_path / "pets" / "train" / "cat" / "000.png"
+    _bomb(bomb, monkeypatch, limit)
+    pattern = (r"^\S*pets: image 'train/cat/000.png' declares more pixels than PIL's "
+               r"decompression-bomb limit allows \(.*\); if the image is genuine, raise "
+               r"PIL.Image.MAX_IMAGE_PIXELS .*, else remove the file$")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no stray warning either
+        with pytest.raises(ValueError, match=pattern) as caught:
+            read_image_folder(tmp_path / "pets", "train", cache=False)
+    assert "\n" not in str(caught.value)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # the file itself is fine
+    assert read_image_folder(tmp_path / "pets", "train", cache=False).labels.numel() == 7
 
 
 def test_image_folder_errors(tmp_path):

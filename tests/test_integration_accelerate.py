@@ -1,5 +1,6 @@
 """accelerate: every method under accelerator.accumulate gives samkit's own step on the window's
-micro-batches; the closure form returns the loss; bf16 mixed precision (issue 13, item 4)."""
+micro-batches; the closure form returns the loss; bf16 mixed precision (issue 13, item 4);
+Momentum-SAM's w through the wrapper, and save_state/load_state resuming exactly."""
 
 from __future__ import annotations
 
@@ -50,7 +51,67 @@ def test_accumulate_equals_samkit_step_on_the_window(method, make_accelerator):
     assert outs[0] is None and outs[2] is None
     # the window's clean loss and logits, at the weights before its step
     torch.testing.assert_close(outs[1].logits, tiny_model()(x[:16]).detach(), rtol=0, atol=1e-12)
+    opt.to_w()  # the end of training (Momentum-SAM's model holds w~ until then)
     assert_same_weights(net, ref)
+
+
+def test_ksam_closures_taking_the_index_forward_only_the_top_k(make_accelerator):
+    x, y = tiny_data(32)
+    batches = list(zip(x.split(8), y.split(8)))
+    net = tiny_model()
+    ref = reference_run("ksam", copy.deepcopy(net), [batches[:2], batches[2:]])
+    accelerator = make_accelerator(gradient_accumulation_steps=2)
+    model = accelerator.prepare(net)
+    opt = prepare_optimizer(accelerator, make_optimizer("ksam", model), model)
+    rows = []
+
+    def forward(x):
+        rows.append(x.shape[0])
+        return model(x)
+
+    for xb, yb in batches:
+        with accelerator.accumulate(model):
+            opt.step(lambda index=None, xb=xb: forward(xb if index is None else xb[index]), yb)
+    # each window: the ranking pass on 2 x 8, then two passes on the k = 8 chosen of 16
+    assert len(rows) == 12 and rows[:2] == rows[6:8] == [8, 8]
+    assert sum(rows[2:6]) == sum(rows[8:]) == 16
+    assert_same_weights(net, ref)
+
+
+def test_momentum_sam_at_w_and_save_state_resume_exactly(tmp_path, make_accelerator):
+    x, y = tiny_data(32)
+    batches = list(zip(x.split(8), y.split(8)))
+
+    def steps(opt, model, part):
+        for xb, yb in part:
+            opt.step(lambda xb=xb: model(xb), yb)
+            opt.zero_grad()
+
+    accelerator = make_accelerator()
+    net = tiny_model()
+    model = accelerator.prepare(net)
+    opt = prepare_optimizer(accelerator, make_optimizer("msam", model), model)
+    steps(opt, model, batches[:2])
+    perturbed = copy.deepcopy(net.state_dict())
+    with opt.at_w():
+        at_w = copy.deepcopy(net.state_dict())
+    ref = reference_run("msam", tiny_model(), [[b] for b in batches[:2]])  # ends at w
+    for key in at_w:
+        torch.testing.assert_close(at_w[key], ref.state_dict()[key], rtol=0, atol=0, msg=key)
+        torch.testing.assert_close(net.state_dict()[key], perturbed[key], rtol=0, atol=0, msg=key)
+    assert not torch.equal(at_w["head.weight"], perturbed["head.weight"])
+    accelerator.save_state(tmp_path / "state")
+    steps(opt, model, batches[2:])
+    whole = copy.deepcopy(net.state_dict())
+
+    accelerator = make_accelerator()
+    again = tiny_model(seed=5)
+    model = accelerator.prepare(again)
+    opt = prepare_optimizer(accelerator, make_optimizer("msam", model), model)
+    accelerator.load_state(tmp_path / "state")
+    steps(opt, model, batches[2:])
+    for key, value in whole.items():
+        torch.testing.assert_close(again.state_dict()[key], value, rtol=0, atol=0, msg=key)
 
 
 def test_closure_form_returns_the_loss_and_accumulates_exactly(make_accelerator):

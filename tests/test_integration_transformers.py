@@ -1,5 +1,6 @@
 """transformers: SharpnessAwareTrainer gives samkit's own step on the same micro-batches for every
-method, with gradient accumulation, logs the clean loss and clips the final gradient (issue 13)."""
+method, with gradient accumulation, logs the clean loss and clips the final gradient (issue 13);
+Momentum-SAM evaluates and checkpoints at w and resumes, K-SAM forwards only its top-k samples."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from integration_helpers import (
     tiny_model,
 )
 
-from samkit.integrations.transformers import SharpnessAwareTrainer
+from samkit.integrations.transformers import PERTURBED_FILE, SharpnessAwareTrainer
 
 
 class Net(torch.nn.Module):
@@ -141,3 +142,98 @@ def test_bf16_runs_every_pass_under_autocast(tmp_path):
     fp32 = tiny_model(dtype=torch.float32)  # and bf16 mattered: a float32 step lands elsewhere
     make_optimizer("focalsam", fp32, lr=0.01).step(lambda: fp32(xb), yb)
     assert not torch.allclose(fp32.body[0].weight, mlp.body[0].weight, rtol=0, atol=1e-7)
+
+
+class Evaluated(Recording):
+    """Records the head's weights each evaluation sees, and the rows each forward gets."""
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        self.evaluated.append(model.mlp.head.weight.detach().clone())
+        return None, None, None
+
+
+class Savable(torch.nn.Module):
+    """Net without the head's second name (safetensors refuses shared tensors)."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x, labels=None):
+        return self.mlp(x)
+
+
+def test_momentum_sam_evaluates_and_checkpoints_at_w_and_resumes(tmp_path):
+    starts = []
+
+    class Start(transformers.TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            starts.append(copy.deepcopy(model.mlp.state_dict()))
+
+    def run(out, resume=None):
+        mlp = tiny_model()
+        trainer = Evaluated(
+            model=Savable(mlp), train_dataset=dataset(), eval_dataset=dataset(8), method="msam",
+            method_kwargs=method_kwargs("msam", mlp), callbacks=[Start()],
+            args=args(out, eval_strategy="steps", eval_steps=1, save_strategy="steps",
+                      save_steps=1, per_device_eval_batch_size=8, num_train_epochs=2))
+        trainer.seen, trainer.evaluated = [], []
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, mlp
+
+    trainer, mlp = run(tmp_path / "whole")
+    assert trainer.state.global_step == 4 and len(trainer.evaluated) == 4
+    k = trainer.args.gradient_accumulation_steps
+    windows = [trainer.seen[i:i + k] for i in range(0, len(trainer.seen), k)]
+    # samkit's own steps, looking at w after each: what evaluation and checkpoint must see
+    ref = tiny_model()
+    opt = make_optimizer("msam", ref, **ADAMW)
+    for i, window in enumerate(windows):
+        opt.step([lambda xb=xb: ref(xb) for xb, _ in window], [yb for _, yb in window])
+        if i == 0:
+            perturbed_after_one = copy.deepcopy(ref.state_dict())
+        with opt.at_w():
+            torch.testing.assert_close(trainer.evaluated[i], ref.head.weight, rtol=0, atol=0)
+            if i == 0:
+                at_w_after_one = copy.deepcopy(ref.state_dict())
+    opt.to_w()
+    assert_same_weights(mlp, ref)  # train() ends at w, evaluation did not move the run
+    from safetensors.torch import load_file
+
+    first = tmp_path / "whole" / "checkpoint-1"
+    saved = load_file(first / "model.safetensors")
+    for key, value in at_w_after_one.items():
+        torch.testing.assert_close(saved[f"mlp.{key}"], value, rtol=0, atol=0, msg=key)
+    # beside them, w~ and the optimizer's state there: resuming continues bit for bit
+    held = torch.load(first / PERTURBED_FILE, weights_only=True)
+    assert held["extra"]["at_perturbed"] is True
+    names = {id(p): n for n, p in mlp.named_parameters()}  # the optimizer's order: its groups
+    order = [names[id(p)] for g in trainer.optimizer.param_groups for p in g["params"]]
+    for saved_p, name in zip(held["params"], order, strict=True):
+        torch.testing.assert_close(saved_p, perturbed_after_one[name], rtol=0, atol=0, msg=name)
+    _, resumed = run(tmp_path / "again", resume=str(first))
+    for key, value in perturbed_after_one.items():  # the resumed run starts from w~
+        torch.testing.assert_close(starts[1][key], value, rtol=0, atol=0, msg=key)
+    assert_same_weights(resumed, mlp, atol=0)
+
+
+def test_ksam_forwards_only_its_top_k_samples(tmp_path):
+    rows = []
+
+    class Counting(Net):
+        def forward(self, x, labels=None):
+            rows.append(x.shape[0])
+            return super().forward(x)
+
+    mlp = tiny_model()
+    ref = copy.deepcopy(mlp)
+    trainer = Recording(model=Counting(mlp), args=args(tmp_path, max_steps=1),
+                        train_dataset=dataset(), method="ksam",
+                        method_kwargs=method_kwargs("ksam", mlp))
+    trainer.seen = []
+    trainer.train()
+    # per micro-batch of 8: the ranking pass, then the two passes on its share of the top k = 8
+    assert len(rows) == 6 and rows[:2] == [8, 8] and sum(rows[2:]) == 16
+    assert rows[2:4] == rows[4:] and max(rows[2:]) < 8
+    reference_run("ksam", ref, [trainer.seen], **ADAMW)
+    assert_same_weights(mlp, ref)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +175,26 @@ def test_streaming_dataset_crops_and_seeds(tmp_path: Path) -> None:
         StreamingDataset(missing, 8)[0]
 
 
+@pytest.mark.parametrize("limit", [100, 200])  # 400 pixels: PIL's error (> 2 x 100), its warning
+def test_a_decompression_bomb_in_a_file_list_names_the_file_and_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: int
+) -> None:
+    entries = write_image_tree(tmp_path / "img", [1], size=20)
+    files = FileList(tmp_path / "img", tuple(p for p, _ in entries), torch.tensor([0]), ["a"],
+                     "file list l.txt")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    pattern = (rf"^{re.escape(str(tmp_path / 'img' / entries[0][0]))} \(from file list l.txt\) declares more "
+               r"pixels than PIL's decompression-bomb limit allows \(.*\); if the image is "
+               r"genuine, raise PIL.Image.MAX_IMAGE_PIXELS .*, else remove the file$")
+    for train in (False, True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no stray warning either
+            with pytest.raises(ValueError, match=pattern):
+                StreamingDataset(files, 8, train=train)[0]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # the file itself is fine
+    assert StreamingDataset(files, 8)[0][0].shape == (3, 8, 8)
+
+
 def test_streaming_loader_workers_resume_and_slices(tmp_path: Path) -> None:
     write_file_list_set(tmp_path, [12, 6, 3], 1, size=12)
     files = load_file_list("train.txt", tmp_path)
@@ -238,6 +260,40 @@ def test_file_list_miniature_trains_head_first(tmp_path: Path) -> None:
                                         "data.train_list=train.txt"]))
     with pytest.raises(ValueError, match="has no class folder with images"):  # no list: folders
         prepare_data(load_config(None, ["data.name=filelist", f"data.root={tmp_path}"]))
+
+
+def test_sharpness_on_a_streamed_run_decodes_a_stratified_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`samkit sharpness` on a file-list run: the batch is up to --per-class images of every
+    class, decoded through the evaluation transform and normalised as training normalises."""
+    write_file_list_set(tmp_path / "mini", [5, 2, 1], 2, size=32)
+    recipe = ["data.name=filelist", f"data.root={tmp_path / 'mini'}", "data.train_list=train.txt",
+              "data.test_list=test.txt", "data.image_size=28", "data.workers=0",
+              "data.batch_size=8", "schedule.epochs=1", "optim.method=sam", "optim.kwargs={}",
+              f"run.out={tmp_path / 'runs'}", "run.name=mini", "run.threads=1"]
+    monkeypatch.setattr(Trainer, "_plot", lambda self: None)  # the run's plots are not tested here
+    Trainer(load_config(None, recipe), progress=False).run()
+    run = tmp_path / "runs" / "mini"
+    assert main(["sharpness", str(run), "--quiet", "--per-class", "3", "--hvps", "6",
+                 "--what", "trace,groups"]) == 0
+    result = json.loads((run / "sharpness" / "sharpness.json").read_text())
+    assert result["counts"] == [5, 2, 1] and result["samples"] == 3 + 2 + 1
+    assert result["trace"]["num_hvps"] == 6 and result["groups"]["names"] == ["few", "tail"]
+    # the batch itself: the training list's first images of each class, centre-cropped
+    from samkit.analysis.run import _analysis_batch
+
+    config = load_config(run / "config.yaml")
+    data = prepare_data(config)
+    x, y = _analysis_batch(data, 3, torch.device("cpu"), 28)
+    assert y.tolist() == [0, 0, 0, 1, 1, 2]
+    first = data.train.root / data.train.paths[int(torch.nonzero(data.train.labels == 2)[0])]
+    # the evaluation transform: resize the shorter side to round(28 / 0.875) = 32 (as it is),
+    # centre crop 28
+    pixels = np.asarray(Image.open(first).convert("RGB"))
+    expected = torch.from_numpy(pixels[2:30, 2:30].copy()).permute(2, 0, 1).float() / 255
+    mean, std = torch.tensor(data.mean)[:, None, None], torch.tensor(data.std)[:, None, None]
+    torch.testing.assert_close(x[5], (expected - mean) / std)
 
 
 def test_presets_know_their_list_files_and_classes(tmp_path: Path) -> None:

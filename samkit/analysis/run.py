@@ -2,7 +2,9 @@
 
 The analysis batch is drawn from the run's long-tailed training set (the same split, normalisation
 and loss), at most `per_class` images of each class, so that every class, tail included, is present.
-Results go to RUN_DIR/sharpness/sharpness.json with plots beside it.
+A set streamed from its files (a file list) has those images decoded through the run's evaluation
+transform (resize, centre crop to data.image_size), deterministic where the training crops are
+random. Results go to RUN_DIR/sharpness/sharpness.json with plots beside it.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from samkit.analysis.sharpness import (
     saddle_indicators,
     shot_class_groups,
 )
-from samkit.data import normalize
+from samkit.data import FileList, StreamingDataset, normalize
 from samkit.losses import build_loss
 from samkit.train.checkpoint import load_checkpoint, write_json
 from samkit.train.config import load_config
@@ -42,12 +44,18 @@ from samkit.train.loop import make_model, prepare_data
 QUANTITIES = ("trace", "eigen", "density", "classwise", "groups", "saddle", "landscape")
 
 
-def _analysis_batch(data: Any, per_class: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Up to `per_class` training images of every class (file order), normalised like training."""
+def _analysis_batch(data: Any, per_class: int, device: torch.device,
+                    image_size: int) -> tuple[torch.Tensor, ...]:
+    """Up to `per_class` training images of every class (file order), normalised like training;
+    a streamed set's images (`image_size` square) decoded through its evaluation transform."""
     labels = data.train.labels
     picks = [torch.nonzero(labels == c).flatten()[:per_class] for c in range(len(data.counts))]
     index = torch.cat(picks)
-    x = data.train.images[index].to(device)
+    if isinstance(data.train, FileList):
+        decode = StreamingDataset(data.train, image_size, train=False)
+        x = torch.stack([decode[int(i)][0] for i in index]).to(device)
+    else:
+        x = data.train.images[index].to(device)
     x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
     if data.mean is not None:
         x = normalize(x, torch.tensor(data.mean, device=device),
@@ -77,15 +85,12 @@ def analyse_run(run_dir: str | Path, *, what: tuple[str, ...] = QUANTITIES,
     config = load_config(run_dir / "config.yaml")
     device = torch.device("cpu")
     data = prepare_data(config, progress=False)
-    if not hasattr(data.train, "images"):
-        raise ValueError(f"samkit sharpness needs a data set held in memory; data.name="
-                         f"{config.data.name} is streamed from its files")
     model = make_model(config, len(data.counts), data.in_channels)
     model.load_state_dict(load_checkpoint(ckpt_path)["model"])
     model.to(device).eval()
     loss_fn = build_loss(config.loss.name, class_counts=data.counts, **config.loss.kwargs)
     loss_fn.set_epoch(config.schedule.epochs)
-    batch = _analysis_batch(data, per_class, device)
+    batch = _analysis_batch(data, per_class, device, config.data.image_size)
     out = Path(out) if out is not None else run_dir / "sharpness"
     out.mkdir(parents=True, exist_ok=True)
     bar = True if progress else None

@@ -28,7 +28,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from samkit.data.readers import IMAGE_EXTENSIONS
+from samkit.data.readers import (
+    IMAGE_EXTENSIONS,
+    decompression_bomb_error,
+    decompression_bombs_as_errors,
+)
 from samkit.data.transforms import _ORDER_STREAM, _derived_seed, normalize
 
 __all__ = [
@@ -310,12 +314,14 @@ class StreamingDataset(torch.utils.data.Dataset):
     def _open(self, index: int) -> Image.Image:
         file = self.files.root / self.files.paths[index]
         try:
-            with Image.open(file) as image:
+            with decompression_bombs_as_errors(), Image.open(file) as image:
                 if not self.train and image.format == "JPEG":
                     w, h = image.size
                     k = self.resize / min(w, h)  # decode at a reduced scale when that is enough
                     image.draft("RGB", (math.ceil(w * k), math.ceil(h * k)))
                 return image.convert("RGB")
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise decompression_bomb_error(f"{file} (from {self.files.source})", exc) from None
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"{file} (line {index + 1} of {self.files.source}) does not exist; data.root must "

@@ -16,6 +16,7 @@ labels as int64 tensors (N,).
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import importlib
@@ -27,7 +28,7 @@ import tarfile
 import tempfile
 import warnings
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -498,15 +499,43 @@ def _layout(entries: _Entries, with_splits: bool, source: Path) -> dict[str, dic
     return tree
 
 
+def decompression_bomb_error(file: object, exc: Exception) -> ValueError:
+    """The one-line error for an image whose declared size exceeds PIL's limit
+    (``Image.MAX_IMAGE_PIXELS``, against decompression bombs): what it is and the two fixes."""
+    return ValueError(
+        f"{file} declares more pixels than PIL's decompression-bomb limit allows ({exc}); if the "
+        "image is genuine, raise PIL.Image.MAX_IMAGE_PIXELS (None disables the check) before "
+        "loading, else remove the file"
+    )
+
+
+@contextlib.contextmanager
+def decompression_bombs_as_errors() -> Iterator[None]:
+    """PIL only warns (``DecompressionBombWarning``) for an image between once and twice its pixel
+    limit: within the block that warning is raised, so that it is reported with the file's name
+    like ``DecompressionBombError``. Enter it in the thread that starts the decoding."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
 def _decode_all(
     items: list[tuple[str, Callable[[], bytes]]], mode: str, source: Path, num_threads: int
 ) -> np.ndarray:
     """Decode images to one uint8 array (N, H, W, C); all must share the first one's size."""
+    with decompression_bombs_as_errors():
+        return _decode_each(items, mode, source, num_threads)
 
+
+def _decode_each(
+    items: list[tuple[str, Callable[[], bytes]]], mode: str, source: Path, num_threads: int
+) -> np.ndarray:
     def decode(name: str, read: Callable[[], bytes]) -> Image.Image:
         try:
             img = Image.open(io.BytesIO(read()), formats=("JPEG", "PNG"))
             img.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise decompression_bomb_error(f"{source}: image '{name}'", exc) from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise ValueError(
                 f"{source}: cannot decode image '{name}' ({exc}); the file is corrupted or not "
@@ -563,12 +592,16 @@ def _save_cache(file: Path, arrays: dict[str, np.ndarray]) -> None:
         )
 
 
-def _load_cache(file: Path, splits: Sequence[str] | None) -> dict[str, ImageArrays] | None:
-    """The cached splits (only ``splits`` if given), or None when there is no usable cache."""
+def _load_cache(
+    file: Path, splits: Sequence[str] | None
+) -> tuple[list[str], dict[str, ImageArrays]] | None:
+    """(every split the cache holds, the cached splits: only ``splits`` if given), or None when
+    there is no usable cache. The names of all are kept so that a missing split's error lists
+    them without decoding the others."""
     try:
         with np.load(file, allow_pickle=False) as npz:
             found = [str(s) for s in npz["splits"]]
-            return {
+            return found, {
                 s: ImageArrays(
                     torch.from_numpy(npz[f"images_{i}"]),
                     torch.from_numpy(npz[f"labels_{i}"]),
@@ -654,7 +687,8 @@ def read_image_folder_splits(
         cache_file = base / "image-folder" / f"{stem}-{digest}.npz"
         cached = _load_cache(cache_file, splits)
         if cached is not None:
-            return _select_splits(cached, splits, path)
+            available, arrays = cached
+            return _select_splits(arrays, splits, path, available)
 
     entries = _scan_tar(path) if path.is_file() else _scan_directory(path)
     if not entries:
@@ -663,12 +697,7 @@ def read_image_folder_splits(
         )
     tree = _layout(entries, with_splits, path)
     requested = sorted(tree) if splits is None else list(splits)
-    missing = [s for s in requested if s not in tree]
-    if missing:
-        raise ValueError(
-            f"{path} has no split {', '.join(map(repr, missing))}; splits found: "
-            f"{', '.join(map(repr, sorted(tree)))}"
-        )
+    _check_splits(requested, tree, path)
     # Without a cache only the requested splits are decoded; with one, all (for the next call).
     wanted = sorted(tree) if cache else requested
 
@@ -700,20 +729,29 @@ def read_image_folder_splits(
             arrays[f"labels_{i}"] = arrs.labels.numpy()
             arrays[f"classes_{i}"] = np.array(arrs.classes, dtype=str)
         _save_cache(cache_file, arrays)
-    return _select_splits(result, splits, path)
+    return _select_splits(result, splits, path, list(tree))
 
 
-def _select_splits(
-    found: dict[str, ImageArrays], splits: Sequence[str] | None, path: Path
-) -> dict[str, ImageArrays]:
-    if splits is None:
-        return found
-    missing = [s for s in splits if s not in found]
+def _check_splits(requested: Sequence[str], available: Iterable[str], path: Path) -> None:
+    """A clear error when a requested split is not among those the folder or archive holds."""
+    have = sorted(available)
+    missing = [s for s in requested if s not in have]
     if missing:
         raise ValueError(
             f"{path} has no split {', '.join(map(repr, missing))}; splits found: "
-            f"{', '.join(map(repr, sorted(found)))}"
+            f"{', '.join(map(repr, have)) or 'none'}"
         )
+
+
+def _select_splits(
+    found: dict[str, ImageArrays], splits: Sequence[str] | None, path: Path,
+    available: Iterable[str],
+) -> dict[str, ImageArrays]:
+    """The requested splits of `found` (all with ``splits`` None); `available`: every split the
+    folder or archive holds, named when one is missing."""
+    if splits is None:
+        return found
+    _check_splits(splits, available, path)
     return {s: found[s] for s in splits}
 
 

@@ -16,10 +16,19 @@ labels, or the loss of a torch-style closure (which computes the loss, calls
 runs the prepared model under autocast); for fp16 the accelerator's GradScaler is handed to samkit,
 which scales every pass. Under several processes, pass the prepared model: samkit runs its passes
 under ``no_sync`` and averages the gradients itself.
+
+Every samkit method works, the efficient ones included. Momentum-SAM's model holds the perturbed w~
+between steps: evaluate and save weights for use inside ``with opt.at_w():`` (exact: the model
+returns to w~ by copy), and call ``opt.to_w()`` when training ends (both do nothing for the other
+methods, so a loop can use them whatever the method). ``accelerator.save_state`` /
+``load_state`` keep w~ with the optimizer state that says so: a resumed run continues exactly.
+K-SAM forwards only its top-k samples when the closure takes them:
+``opt.step(lambda index=None, x=x: model(x if index is None else x[index]), y)``.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -28,7 +37,7 @@ from accelerate.optimizer import AcceleratedOptimizer
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from samkit.integrations._common import unwrap
+from samkit.integrations._common import at_w, to_w, unwrap
 from samkit.optim.core import SharpnessAware, StepOutput
 
 
@@ -91,6 +100,14 @@ class SharpnessAwareAcceleratedOptimizer(AcceleratedOptimizer):
         if self.grad_scaler is not None:
             self.grad_scaler.update()
         return out
+
+    def at_w(self) -> contextlib.AbstractContextManager[None]:
+        """Hold the model at w for the body (Momentum-SAM; nothing to do for other methods)."""
+        return at_w(self.optimizer)
+
+    def to_w(self) -> None:
+        """Move the model to w for good, e.g. when training ends (Momentum-SAM; else nothing)."""
+        to_w(self.optimizer)
 
 
 def _cells(closure: Callable[[], Tensor]) -> list[Any]:

@@ -15,6 +15,14 @@ module provides ``training_step``. Both of Lightning's optimization modes work:
 
 Either way ``training_step`` never runs on perturbed weights: ``train_loss`` and ``train_acc`` are
 logged from the clean pass (override :meth:`log_clean` to log more), and ``global_step`` counts steps.
+
+Every samkit method works, the efficient ones included. Momentum-SAM's model holds the perturbed w~
+between steps: validation runs at w (and training resumes at w~ exactly, by copy), checkpoints hold w
+with the optimizer state that goes with it (``load_from_checkpoint`` gives w), and the model is left
+at w when ``fit`` ends. A full checkpoint also keeps w~, so that ``fit(ckpt_path=...)`` continues bit
+for bit. If you override ``on_validation_start``, ``on_validation_end``, ``on_train_end``,
+``on_save_checkpoint`` or ``on_load_checkpoint``, call ``super()``. K-SAM's passes on its top-k
+samples forward only those rows (the inputs' tensors whose first dimension is the batch are indexed).
 """
 
 from __future__ import annotations
@@ -25,11 +33,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from samkit.integrations._common import before_base_step, unwrap
-from samkit.optim.core import StepOutput
+from samkit.integrations._common import at_w, before_base_step, select_rows, to_w, unwrap
+from samkit.optim.core import SharpnessAware, StepOutput
+
+RESUME_KEY = "samkit_at_perturbed"  # a checkpoint's weights and optimizer state at w~ (Momentum-SAM)
 
 
 class SharpnessAwareModule(pl.LightningModule):
@@ -43,6 +54,7 @@ class SharpnessAwareModule(pl.LightningModule):
         super().__init__()
         self._samkit_pending: list[tuple[Any, Tensor]] = []
         self._samkit_window_end = False
+        self._samkit_at_w = contextlib.ExitStack()  # held during validation (Momentum-SAM)
 
     # -- what a subclass may override -------------------------------------------------------------
 
@@ -111,7 +123,13 @@ class SharpnessAwareModule(pl.LightningModule):
         if self.automatic_optimization and not self._samkit_window_end:
             return torch.zeros((), device=y.device, requires_grad=True)
         pending, self._samkit_pending = self._samkit_pending, []
-        closures = [lambda xi=xi: self(xi) for xi, _ in pending]
+        # K-SAM calls a closure with `index` (its top-k samples) to forward only those
+        closures = [
+            lambda index=None, xi=xi, n=yi.shape[0]: self(
+                xi if index is None else select_rows(xi, index, n)
+            )
+            for xi, yi in pending
+        ]
         labels = [yi for _, yi in pending]
         out = self.samkit_step(closures, labels)
         self.log_clean(out, torch.cat(labels))
@@ -142,6 +160,60 @@ class SharpnessAwareModule(pl.LightningModule):
                 optimizer_closure()
         finally:
             self._samkit_window_end = False
+
+    def _samkit_optimizer(self) -> SharpnessAware | None:
+        """The samkit optimizer, once the Trainer has set it up (None before, or with several)."""
+        trainer = self._trainer
+        if trainer is None or len(trainer.optimizers) != 1:
+            return None
+        return unwrap(trainer.optimizers[0])
+
+    def on_validation_start(self) -> None:
+        """Validate at w: Momentum-SAM's model holds w~ between steps (restored at the end)."""
+        opt = self._samkit_optimizer()
+        if opt is not None:
+            self._samkit_at_w.enter_context(at_w(opt))
+
+    def on_validation_end(self) -> None:
+        """Back to where training left the model (w~ for Momentum-SAM, exactly)."""
+        self._samkit_at_w.close()
+
+    def on_train_end(self) -> None:
+        """Leave the trained model at w (Momentum-SAM)."""
+        opt = self._samkit_optimizer()
+        if opt is not None:
+            to_w(opt)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint holds w and the optimizer state that goes with it, not Momentum-SAM's w~: the
+        weights and optimizer state are taken again at w (copies: the model returns to w~). A full
+        checkpoint also keeps what Lightning took at w~, under ``RESUME_KEY``, so that resuming a
+        fit continues bit for bit (the optimizer's state tensors are shared, saved once)."""
+        opt = self._samkit_optimizer()
+        if opt is None or not hasattr(opt, "at_w"):
+            return
+        strategy = self.trainer.strategy
+        held = {"state_dict": {k: v.detach().clone() for k, v in checkpoint["state_dict"].items()},
+                "optimizer_states": checkpoint.get("optimizer_states")}
+        with at_w(opt):
+            checkpoint["state_dict"] = {
+                k: v.detach().clone() for k, v in strategy.lightning_module_state_dict().items()
+            }
+            if "optimizer_states" in checkpoint:
+                checkpoint["optimizer_states"] = [
+                    strategy.optimizer_state(o) for o in self.trainer.optimizers
+                ]
+        if held["optimizer_states"] is not None:
+            checkpoint[RESUME_KEY] = held
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming a fit loads Momentum-SAM's w~ and its optimizer state as they were (see
+        :meth:`on_save_checkpoint`); anything else (``load_from_checkpoint``, validate, test)
+        loads w."""
+        held = checkpoint.pop(RESUME_KEY, None)
+        trainer = self._trainer
+        if held is not None and trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            checkpoint.update(held)
 
     def on_train_epoch_start(self) -> None:
         """Tell the optimizer the epoch (SSE-SAM switches stage by it)."""

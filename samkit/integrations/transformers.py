@@ -15,10 +15,19 @@ logged ``grad_norm`` is its norm before clipping. The optimizer is samkit's `met
 usual parameter groups (no weight decay on biases and normalization weights) with AdamW as the base
 (``args.learning_rate``, ``weight_decay``, ``adam_beta1``, ``adam_beta2``, ``adam_epsilon``), unless
 ``base`` (a torch optimizer class) or ``optimizers=(samkit_optimizer, scheduler)`` is given.
+
+Every samkit method works, the efficient ones included. Momentum-SAM's model holds the perturbed w~
+between steps: ``evaluate``, ``predict``, ``save_model`` and the Trainer's checkpoints see w (a
+checkpoint holds w with the optimizer state that goes with it, and beside them w~, so that
+``train(resume_from_checkpoint=...)`` continues bit for bit), and ``train`` leaves the model at w.
+K-SAM's passes on its top-k samples forward only those rows (each input tensor whose first dimension
+is the batch is indexed).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -26,9 +35,19 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 import samkit.optim as so
-from samkit.integrations._common import before_base_step, clip_grad_norm, unwrap
+from samkit.integrations._common import (
+    at_w,
+    before_base_step,
+    clip_grad_norm,
+    select_rows,
+    to_w,
+    unwrap,
+)
+
+PERTURBED_FILE = "samkit_at_perturbed.pt"  # in a checkpoint folder: Momentum-SAM's w~ and state
 
 
 class SharpnessAwareTrainer(Trainer):
@@ -126,7 +145,13 @@ class SharpnessAwareTrainer(Trainer):
         opt.set_epoch(int(self.state.epoch or 0))
         if isinstance(model, DistributedDataParallel):
             opt.model = model
-        closures = [lambda i=i: self._samkit_logits(model, i, label) for i in pending]
+        # K-SAM calls a closure with `index` (its top-k samples) to forward only those
+        closures = [
+            lambda index=None, i=i, n=i[label].shape[0]: self._samkit_logits(
+                model, i if index is None else select_rows(i, index, n), label
+            )
+            for i in pending
+        ]
         labels = [i[label] for i in pending]
         self._samkit_grad_norm = None
 
@@ -144,3 +169,69 @@ class SharpnessAwareTrainer(Trainer):
     def _clip_grad_norm(self, model: nn.Module) -> Tensor | None:
         """The final gradient was clipped before the base step: report its norm before clipping."""
         return self._samkit_grad_norm
+
+    # -- Momentum-SAM's model holds w~ between steps: everything outside the step sees w ------------
+
+    def _samkit_at_w(self) -> Any:
+        """A context holding the model at w (nothing to do before the optimizer exists)."""
+        return contextlib.nullcontext() if self.optimizer is None else at_w(unwrap(self.optimizer))
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``, leaving the model at w."""
+        out = super().train(*args, **kwargs)
+        if self.optimizer is not None:
+            to_w(unwrap(self.optimizer))
+        return out
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        with self._samkit_at_w():
+            return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        with self._samkit_at_w():
+            return super().predict(*args, **kwargs)
+
+    def save_model(self, *args: Any, **kwargs: Any) -> None:
+        with self._samkit_at_w():
+            super().save_model(*args, **kwargs)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """The Trainer's checkpoint holds the weights and optimizer state at w (the optimizer
+        records that it is there); beside them, ``PERTURBED_FILE`` keeps Momentum-SAM's w~ and
+        its optimizer state there, so that resuming continues bit for bit."""
+        opt = None if self.optimizer is None else unwrap(self.optimizer)
+        held = None
+        if opt is not None and hasattr(opt, "at_w"):
+            held = {"params": [p.detach().clone() for p in _params(opt)],
+                    "extra": opt.extra_state()}
+        with self._samkit_at_w():
+            super()._save_checkpoint(model, trial)
+        if held is not None and self.args.should_save:
+            folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            torch.save(held, os.path.join(self._get_output_dir(trial=trial), folder,
+                                          PERTURBED_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Resuming: back to Momentum-SAM's w~ and its optimizer state, as they were saved."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        file = None if checkpoint is None else os.path.join(checkpoint, PERTURBED_FILE)
+        if file is None or not os.path.isfile(file):
+            return
+        held = torch.load(file, map_location="cpu", weights_only=True)
+        opt = unwrap(self.optimizer)
+        params = _params(opt)
+        with torch.no_grad():
+            torch._foreach_copy_(params, [t.to(p.device) for t, p in zip(held["params"], params,
+                                                                        strict=True)])
+        opt.load_extra_state(held["extra"])
+
+    def _load_best_model(self) -> None:
+        # the best checkpoint holds w: the model leaves w~ first, so the optimizer agrees
+        if self.optimizer is not None:
+            to_w(unwrap(self.optimizer))
+        super()._load_best_model()
+
+
+def _params(opt: torch.optim.Optimizer) -> list[Tensor]:
+    """An optimizer's parameters, in its param groups' order."""
+    return [p for group in opt.param_groups for p in group["params"]]
