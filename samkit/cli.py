@@ -167,9 +167,12 @@ def _plan(compare: Compare) -> None:
         return
     print(f"stage 2, after tuning: each method's chosen setting on seeds {compare.seeds}:")
     for method, points in compare.by_method().items():
-        what = (f"one of {len(points)} settings, chosen by tuning" if len(points) > 1
-                else f"{points[0].row} (one setting: not tuned)")
-        print(f"{Path(compare.out)}/{method}...-s<seed>  [{what}]  x {len(compare.seeds)} seeds")
+        if len(points) > 1:
+            print(f"{Path(compare.out)}/{method}-<chosen>-s<seed>  [one of {len(points)} "
+                  f"settings, chosen by tuning]  x {len(compare.seeds)} seeds")
+        else:
+            print(f"{Path(compare.out)}/{points[0].stem}-s<seed>  [{points[0].row}: one setting, "
+                  f"not tuned]  x {len(compare.seeds)} seeds")
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -256,7 +256,8 @@ def test_tuned_compare_selects_before_reading_the_test_set(
     assert main(["compare", str(path), "--plan"]) == 0
     plan = capsys.readouterr().out
     assert "stage 1, tuning: 2 runs on seeds [0]" in plan and "tune/sam-rho=0.5-s0" in plan
-    assert "one of 2 settings, chosen by tuning" in plan and "plain (one setting" in plan
+    assert f"{out}/sam-<chosen>-s<seed>  [one of 2 settings, chosen by tuning]  x 1 seeds" in plan
+    assert f"{out}/plain-s<seed>  [plain: one setting, not tuned]" in plan
 
     log: list[str] = []
     count_test_reads(monkeypatch, log, lambda: f" tuned={(out / 'tuning.json').exists()}")

@@ -127,6 +127,7 @@ class Compare:
                 if tuning:  # enforced over any override: tuning never sees the test set
                     assert self.tune is not None
                     config.run.eval_test = False
+                    config.run.out = out  # apart from the final runs, whatever run.out says
                     if self.tune.epochs is not None:
                         config.schedule.epochs = self.tune.epochs
                 runs.append(PlannedRun(p.row, seed, config))

@@ -216,7 +216,6 @@ def _in_memory(d: DataConfig, progress: bool, split: dict[str, Any], eval_test: 
                 raise layout_error from None
             train, val, test = _held_out(d, everything, split)
             return train, val, test if eval_test else None
-        train = load_dataset(d.name, split="train", **common)
     else:
         train = load_dataset(d.name, split="train", **common)
     return train, None, load_dataset(d.name, split="test", **common) if eval_test else None

@@ -836,22 +836,18 @@ class Trainer:
         by training count)."""
         out: dict[str, Any] = {}
         if self.val_loader is not None:
-            z, y = self._logits(self.val_loader)
-            per_class = per_class_accuracy(z, y, self.num_classes)
-            groups = group_accuracy(per_class, self.data.groups)
+            z, y, _, groups = self._evaluate_on(self.val_loader)
             out.update({f"val_{k}": _num(v) for k, v in groups.items()})
             out["val_loss"] = _loss(z, y)
         if self.test_loader is not None:
-            z, y = self._logits(self.test_loader)
-            per_class = per_class_accuracy(z, y, self.num_classes)
-            groups = group_accuracy(per_class, self.data.groups)
+            z, y, per_class, groups = self._evaluate_on(self.test_loader)
             out.update({**{k: _num(v) for k, v in groups.items()}, "test_loss": _loss(z, y),
                         "ece": _num(expected_calibration_error(z, y, bins=15)),
                         "per_class": [_num(v) for v in per_class.tolist()]})
         return out
 
-    def _logits(self, loader: Any) -> tuple[Tensor, Tensor]:
-        """The model's logits (eval mode) and the labels over one pass of ``loader``."""
+    def _evaluate_on(self, loader: Any) -> tuple[Tensor, Tensor, Tensor, dict[str, float]]:
+        """Logits (eval mode), labels, per-class and group accuracy over one pass of ``loader``."""
         was_training = self.model.training
         self.model.eval()
         logits, labels = [], []
@@ -860,7 +856,9 @@ class Trainer:
             logits.append(self.model(x).float())
             labels.append(y)
         self.model.train(was_training)
-        return torch.cat(logits), torch.cat(labels)
+        z, y = torch.cat(logits), torch.cat(labels)
+        per_class = per_class_accuracy(z, y, self.num_classes)
+        return z, y, per_class, group_accuracy(per_class, self.data.groups)
 
     def _plot(self) -> None:
         try:
