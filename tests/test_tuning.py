@@ -25,7 +25,7 @@ from samkit.report.stats import (
     within_noise,
 )
 from samkit.report.table import write_report
-from samkit.train.config import ConfigError, load_config
+from samkit.train.config import ConfigError, load_config, resume_changes
 from samkit.train.data import prepare_data
 from samkit.train.loop import Trainer
 
@@ -126,6 +126,14 @@ def test_val_split_errors_and_the_held_out_fraction(tiny_fmnist: Path, tmp_path:
     assert data.val.class_counts() == [30] * 10 and data.train.class_counts() == [270] * 10
     assert not (set(data.split["val"]["indices"]) & set(range(0)))  # indices recorded
     assert len(data.split["val"]["indices"]) == 300
+
+
+def test_runs_recorded_before_the_new_keys_still_resume() -> None:
+    saved = load_config(None, ["data.ratio=10"]).to_dict()
+    del saved["data"]["val_per_class"], saved["run"]["eval_test"]  # an older run's config.yaml
+    assert resume_changes(saved, load_config(None, ["data.ratio=10"])) == []
+    with pytest.raises(ConfigError, match="data.val_per_class: 0 -> 5"):
+        resume_changes(saved, load_config(None, ["data.ratio=10", "data.val_per_class=5"]))
 
 
 def count_test_reads(monkeypatch: pytest.MonkeyPatch, log: list[str],

@@ -406,6 +406,9 @@ def resume_changes(saved: dict[str, Any], config: Config, *,
     [{"key", "old", "new"}], if resuming may change them (see RESUMABLE, AFTER_FAILURE);
     otherwise a ConfigError that lists every key that differs."""
     old, new = flatten(saved), flatten(config.to_dict())
+    # a key the saved recipe lacks (written before the key existed) had its default value
+    defaults = flatten(Config().to_dict())
+    old.update({k: defaults[k] for k in new.keys() - old.keys() if k in defaults})
     diffs = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     allowed = RESUMABLE + (AFTER_FAILURE if after_failure else ())
     refused = [k for k in diffs if k not in allowed]
