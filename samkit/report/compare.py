@@ -271,8 +271,9 @@ def select(compare: Compare, write: bool = True) -> dict[str, Any]:
     mean validation metric at the last epoch over the tuning seeds (ties: the first listed).
     Written to out/tuning.json (if `write`). Raises ValueError if a tuning run has not ended or
     a method has no point with a score."""
-    assert compare.tune is not None
     tune = compare.tune
+    if tune is None:
+        raise ValueError("select needs a compare recipe with a tune section")
     record: dict[str, Any] = {
         "metric": tune.metric, "at": "last epoch", "seeds": tune.seeds, "epochs": tune.epochs,
         "rule": f"highest mean {tune.metric} at the last epoch over tuning seeds {tune.seeds}; "
