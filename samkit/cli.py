@@ -10,6 +10,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from samkit.report.compare import Compare, PlannedRun
 
 # `samkit sharpness --what`: the same names as samkit.analysis.run.QUANTITIES (a test keeps them
 # equal), written out so that building the parser does not import torch
@@ -98,24 +102,22 @@ def _ints(text: str | None) -> list[int] | None:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from samkit.report.compare import expand, run_all
+    from samkit.report.compare import read_compare, run_compare
     from samkit.report.table import write_report
     from samkit.train.config import ConfigError
     from samkit.train.loop import Interrupted, TrainingError
 
     try:
-        runs = expand(args.recipe, args.overrides, seeds=_ints(args.seeds),
-                      only=args.methods.split(",") if args.methods else None)
+        compare = read_compare(args.recipe, args.overrides, seeds=_ints(args.seeds),
+                               only=args.methods.split(",") if args.methods else None)
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.plan:
-        for planned in runs:
-            state = "done" if (planned.run_dir / "summary.json").exists() else "to run"
-            print(f"{planned.run_dir}  [{planned.label}, seed {planned.seed}]  {state}")
+        _plan(compare)
         return 0
     try:
-        run_dirs = run_all(runs, progress=not args.quiet)
+        run_dirs, tuning = run_compare(compare, progress=not args.quiet)
     except Interrupted as stop:
         print(f"interrupted in {stop.run_dir}; run the same command again to continue",
               file=sys.stderr)
@@ -123,6 +125,8 @@ def _compare(args: argparse.Namespace) -> int:
     except (TrainingError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    if tuning is not None:
+        print(f"wrote {compare.tuning_path}")
     if args.sharpness:
         from samkit.analysis.run import analyse_run
         from samkit.train.progress import is_terminal
@@ -133,10 +137,42 @@ def _compare(args: argparse.Namespace) -> int:
                     print(f"sharpness of {run_dir}", flush=True)
                 analyse_run(run_dir, what=tuple(args.sharpness.split(",")),
                             progress=not args.quiet and is_terminal(sys.stderr))
-    out = Path(runs[0].config.run.out) / "report"
-    for path in write_report(run_dirs, out):
+    out = Path(compare.out) / "report"
+    for path in write_report(run_dirs, out, tuning=tuning):
         print(f"wrote {path}")
     return 0
+
+
+def _plan(compare: Compare) -> None:
+    """Print the runs of a compare, stage by stage, with what is done."""
+    from samkit.report.compare import select, tuning_finished
+
+    def show(runs: list[PlannedRun]) -> None:
+        for planned in runs:
+            state = "done" if (planned.run_dir / "summary.json").exists() else "to run"
+            print(f"{planned.run_dir}  [{planned.label}, seed {planned.seed}]  {state}")
+
+    if compare.tune is None:
+        show(compare.final_runs())
+        return
+    t = compare.tune
+    print(f"stage 1, tuning: {len(compare.tuning_runs())} runs on seeds {t.seeds}, test set never "
+          f"loaded; per method the highest mean {t.metric} at the last epoch"
+          + (f" ({t.epochs} epochs)" if t.epochs is not None else ""))
+    show(compare.tuning_runs())
+    if tuning_finished(compare):
+        chosen = {m: r["chosen"] for m, r in select(compare, write=False)["methods"].items()}
+        print(f"stage 2, the chosen settings on seeds {compare.seeds}:")
+        show(compare.final_runs(chosen))
+        return
+    print(f"stage 2, after tuning: each method's chosen setting on seeds {compare.seeds}:")
+    for method, points in compare.by_method().items():
+        if len(points) > 1:
+            print(f"{Path(compare.out)}/{method}-<chosen>-s<seed>  [one of {len(points)} "
+                  f"settings, chosen by tuning]  x {len(compare.seeds)} seeds")
+        else:
+            print(f"{Path(compare.out)}/{points[0].stem}-s<seed>  [{points[0].row}: one setting, "
+                  f"not tuned]  x {len(compare.seeds)} seeds")
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -42,7 +42,8 @@ def plot_per_class(run_dir: str | Path, out: str | Path) -> None:
 
 
 def plot_curves(run_dir: str | Path, out: str | Path) -> None:
-    """Training loss and test accuracy (overall, many, medium, few) per epoch, from 1."""
+    """Training loss and test (and validation) accuracy (overall, many, medium, few) per epoch,
+    from 1."""
     records = read_metrics(run_dir)
     summary_path = Path(run_dir) / "summary.json"
     method = read_json(summary_path)["method"] if summary_path.exists() else None
@@ -50,13 +51,14 @@ def plot_curves(run_dir: str | Path, out: str | Path) -> None:
     ax1.plot([r["epoch"] for r in records], [r["train_loss"] for r in records], marker="o")
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("training loss")
-    evals = [r for r in records if "overall" in r]
+    evals = [r for r in records if "overall" in r or "val_overall" in r]
     for key, colour in [("overall", "black"), *GROUP_COLOURS.items()]:
-        pts = [(r["epoch"], r[key]) for r in evals if r.get(key) is not None]
-        if pts:
-            ax2.plot(*zip(*pts, strict=True), marker="o", color=colour, label=key)
+        for name, style in ((key, "-"), (f"val_{key}", ":")):  # validation dotted
+            pts = [(r["epoch"], r[name]) for r in evals if r.get(name) is not None]
+            if pts:
+                ax2.plot(*zip(*pts, strict=True), style, marker="o", color=colour, label=name)
     ax2.set_xlabel("epoch")
-    ax2.set_ylabel("test accuracy")
+    ax2.set_ylabel("test (solid) and validation (dotted) accuracy")
     if evals:
         ax2.legend()
     for ax in (ax1, ax2):
@@ -77,6 +79,9 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     plots = Path(run_dir) / "plots"
     plots.mkdir(exist_ok=True)
     paths = [plots / "per_class.png", plots / "curves.png"]
-    plot_per_class(run_dir, paths[0])
-    plot_curves(run_dir, paths[1])
+    if read_json(Path(run_dir) / "summary.json").get("per_class") is None:
+        paths = paths[1:]  # run.eval_test=false: no test accuracy per class
+    else:
+        plot_per_class(run_dir, paths[0])
+    plot_curves(run_dir, paths[-1])
     return paths

@@ -54,7 +54,10 @@ class DataConfig:
     order: str = "shuffle"  # which images a class keeps: shuffle (LDAM, Focal-SAM) or first
     subsample_seed: int = 0  # also seeds the held-out test / validation split of a plain folder
     test_fraction: float = 0.2  # held out per class as test from a folder with no train/test
-    val_fraction: float = 0.0  # held out per class as validation from such a folder
+    val_fraction: float = 0.0  # held out per class as validation from such a folder (or from
+    # the training split of any in-memory set, before the long-tailed cut)
+    val_per_class: int = 0  # a balanced validation set of this many images per class, drawn
+    # (seeded by subsample_seed) from the training images the long-tailed cut leaves unused
     train_list: str | None = None  # list files of 'relative/path label' lines (data.name=filelist),
     val_list: str | None = None  # relative to data.root unless absolute
     test_list: str | None = None
@@ -115,6 +118,7 @@ class RunConfig:
     deterministic: bool = False
     threads: int | str | None = None  # torch CPU threads; None or "auto": torch's own default
     eval_every: int = 1
+    eval_test: bool = True  # false: the test set is never loaded (tuning; needs a validation set)
     max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests)
     max_nonfinite: int = 20  # consecutive non-finite steps that stop the run
     amp: str = "none"  # none, bf16 (autocast) or fp16 (autocast and a GradScaler)
@@ -331,6 +335,10 @@ def validate(config: Config) -> None:
     need(0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction, "in (0, 1)")
     need(0 <= d.val_fraction < 1 - d.test_fraction, "data.val_fraction", d.val_fraction,
          f">= 0 and < 1 - data.test_fraction ({1 - d.test_fraction:g})")
+    need(d.val_per_class >= 0, "data.val_per_class", d.val_per_class, ">= 0")
+    if d.val_per_class and d.val_fraction:
+        raise ConfigError("data.val_per_class and data.val_fraction both ask for a validation "
+                          "set; set one of them to 0")
     need(d.image_size >= 8, "data.image_size", d.image_size, ">= 8")
     need(d.workers is None or d.workers >= 0, "data.workers", d.workers, "None or >= 0")
     need(d.order in ("shuffle", "first"), "data.order", d.order, "shuffle or first")
@@ -398,6 +406,9 @@ def resume_changes(saved: dict[str, Any], config: Config, *,
     [{"key", "old", "new"}], if resuming may change them (see RESUMABLE, AFTER_FAILURE);
     otherwise a ConfigError that lists every key that differs."""
     old, new = flatten(saved), flatten(config.to_dict())
+    # a key the saved recipe lacks (written before the key existed) had its default value
+    defaults = flatten(Config().to_dict())
+    old.update({k: defaults[k] for k in new.keys() - old.keys() if k in defaults})
     diffs = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     allowed = RESUMABLE + (AFTER_FAILURE if after_failure else ())
     refused = [k for k in diffs if k not in allowed]

@@ -8,6 +8,13 @@ Three kinds of data:
   every image. A plain class-per-folder tree with no ``train/`` and ``test/`` folders gets a
   stratified, seeded test split (``data.test_fraction``) and, when asked, a validation split
   (``data.val_fraction``), recorded in split.json.
+- Validation: ``data.val_per_class=N`` draws a balanced validation set, N images of each class,
+  from the training images that the long-tailed cut leaves unused (seeded by
+  ``data.subsample_seed``, disjoint from the training subset by construction); where nothing is
+  left over (``data.profile=none``), ``data.val_fraction`` holds a stratified fraction of the
+  training split out instead. Either is recorded in split.json (``val``: indices into the
+  loaded training split) and evaluated by the trainer each evaluated epoch.
+- ``run.eval_test=false`` never loads the test set (a tuning run selects on validation only).
 - List files of ``relative/path label`` lines (``data.name=filelist`` or a preset: imagenet-lt,
   places-lt, inat2018) are streamed from disk by :class:`samkit.data.StreamingLoader`; the lists
   define the long tail, and the groups use the standard thresholds (many > 100, few < 20).
@@ -26,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -60,7 +68,7 @@ Dataset = ArrayDataset | FileList
 @dataclass
 class Data:
     train: Dataset
-    test: Dataset
+    test: Dataset | None  # None when run.eval_test is false: the test set is never loaded
     counts: list[int]
     groups: list[str]
     thresholds: tuple[int, int]
@@ -85,19 +93,26 @@ def prepare_data(config: Config, progress: bool = True) -> Data:
     d = config.data
     profile = resolved_profile(d)
     split: dict[str, Any] = {}
+    if d.val_per_class and (profile == "none" or d.name in FILE_LIST_NAMES):
+        fix = "data.val_list" if d.name in FILE_LIST_NAMES else "data.val_fraction"
+        raise ConfigError(f"data.val_per_class draws validation images from those the long-tailed "
+                          f"cut leaves unused, and data.profile=none leaves none; use {fix}")
     if d.name in FILE_LIST_NAMES:
         if profile != "none":
             raise ConfigError(f"data.profile must be none for {d.name} (its list files define the "
                               f"long tail); got {profile!r}")
-        train, val, test = _file_lists(d, split)
+        train, val, test = _file_lists(d, split, config.run.eval_test)
     else:
-        train, val, test = _in_memory(d, progress, split)
+        train, val, test = _in_memory(d, progress, split, config.run.eval_test)
+        if d.val_fraction > 0 and val is None:
+            train, val = _val_fraction(d, train, split)
     if profile == "none":
         order = head_first(train.class_counts())
         split["class_ids"] = order
         if order != sorted(order):
             note = "classes renumbered by training count, head first"
-            train, test = _relabel(train, order, note), _relabel(test, order, note)
+            train = _relabel(train, order, note)
+            test = None if test is None else _relabel(test, order, note)
             val = None if val is None else _relabel(val, order, note)
         counts = train.class_counts()
         indices = None if isinstance(train, FileList) else list(range(len(train)))
@@ -109,6 +124,8 @@ def prepare_data(config: Config, progress: bool = True) -> Data:
         except ValueError as err:
             raise ConfigError(f"{err} (in the recipe: data.n_max, data.ratio; data.profile=none "
                               "keeps every image as it is)") from None
+        if d.val_per_class:
+            val = _val_per_class(d, train, indices, split)
         train = train.subset(indices, f"long-tailed {profile} ratio {d.ratio:g}, n_max {n_max}, "
                              f"order {d.order}, seed {d.subsample_seed}")
     many, few = (100, 20) if d.name in FILE_LIST_NAMES else default_thresholds(train.num_classes)
@@ -121,7 +138,8 @@ def prepare_data(config: Config, progress: bool = True) -> Data:
     elif d.normalize and train.images.dtype == torch.uint8:
         mean, std = channel_stats(train.images)
     split.update({
-        "source": train.source, "test_source": test.source, "classes": train.classes,
+        "source": train.source, "test_source": None if test is None else test.source,
+        "classes": train.classes,
         "counts": counts, "total": int(sum(counts)), "profile": profile, "ratio": d.ratio,
         "order": d.order, "seed": d.subsample_seed, "thresholds": {"many": many, "few": few},
         "groups": groups, "mean": mean, "std": std,
@@ -142,9 +160,49 @@ def _relabel(ds: Dataset, order: list[int], note: str) -> Dataset:
                         f"{ds.source}; {note}")
 
 
-def _in_memory(d: DataConfig, progress: bool,
-               split: dict[str, Any]) -> tuple[ArrayDataset, ArrayDataset | None, ArrayDataset]:
-    """(train, validation or None, test) of a named set or an image folder, in memory."""
+def _val_per_class(d: DataConfig, train: ArrayDataset, indices: Any,
+                   split: dict[str, Any]) -> ArrayDataset:
+    """A balanced validation set: data.val_per_class images of each class, drawn at random
+    (NumPy generator seeded by data.subsample_seed + 1) from the training images that the
+    long-tailed ``indices`` leave out, so it can never overlap the training subset."""
+    n = d.val_per_class
+    labels = train.labels.cpu().numpy()
+    unused = np.setdiff1d(np.arange(len(labels)), np.asarray(indices))
+    rng = np.random.default_rng(d.subsample_seed + 1)
+    chosen = []
+    for c in range(train.num_classes):
+        pool = unused[labels[unused] == c]
+        if pool.size < n:
+            raise ConfigError(f"data.val_per_class={n}, but the long-tailed cut leaves only "
+                              f"{pool.size} unused images of class {c} ({train.classes[c]}); "
+                              f"lower data.val_per_class to at most {pool.size}")
+        chosen.append(np.sort(rng.permutation(pool)[:n]))
+    picked = np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
+    split["val"] = {"per_class": n, "seed": d.subsample_seed + 1,
+                    "drawn_from": "training images unused by the long-tailed cut",
+                    "indices": [int(i) for i in picked]}
+    return train.subset(picked, f"validation: {n} per class unused by the long-tailed cut, "
+                                f"seed {d.subsample_seed + 1}")
+
+
+def _val_fraction(d: DataConfig, train: ArrayDataset,
+                  split: dict[str, Any]) -> tuple[ArrayDataset, ArrayDataset]:
+    """(training part, validation part): data.val_fraction of each class of the loaded training
+    split held out (stratified, seeded by data.subsample_seed + 1) before any long-tailed cut."""
+    kept, held = holdout(train.labels, d.val_fraction, d.subsample_seed + 1)
+    note = f"{d.val_fraction:g} per class, seed {d.subsample_seed + 1}"
+    split["val"] = {"fraction": d.val_fraction, "seed": d.subsample_seed + 1,
+                    "drawn_from": "the loaded training split, before any long-tailed cut "
+                                  "('indices' then count the rest)",
+                    "indices": held.tolist()}
+    return (train.subset(kept, f"training part: {note} held out"),
+            train.subset(held, f"validation: {note}"))
+
+
+def _in_memory(d: DataConfig, progress: bool, split: dict[str, Any], eval_test: bool = True,
+               ) -> tuple[ArrayDataset, ArrayDataset | None, ArrayDataset | None]:
+    """(train, validation or None, test or None: not loaded unless ``eval_test``) of a named
+    set or an image folder, in memory."""
     common = {"root": d.root, "progress": progress, "limit_per_class": d.limit_per_class}
     if d.name in ("image-folder", "imagefolder") and d.root is not None:
         try:
@@ -156,10 +214,11 @@ def _in_memory(d: DataConfig, progress: bool,
                 everything = load_dataset(d.name, split="", **common)
             except ValueError:
                 raise layout_error from None
-            return _held_out(d, everything, split)
-        return train, None, load_dataset(d.name, split="test", **common)
-    return (load_dataset(d.name, split="train", **common), None,
-            load_dataset(d.name, split="test", **common))
+            train, val, test = _held_out(d, everything, split)
+            return train, val, test if eval_test else None
+    else:
+        train = load_dataset(d.name, split="train", **common)
+    return train, None, load_dataset(d.name, split="test", **common) if eval_test else None
 
 
 def _held_out(d: DataConfig, everything: Dataset,
@@ -182,15 +241,17 @@ def _held_out(d: DataConfig, everything: Dataset,
             everything.subset(test_idx, f"test part: {note}"))
 
 
-def _file_lists(d: DataConfig,
-                split: dict[str, Any]) -> tuple[FileList, FileList | None, FileList]:
-    """(train, validation or None, test) lists of a file-list set or preset; with no list
-    files, of the class folders under data.root (streamed: images of any size)."""
+def _file_lists(d: DataConfig, split: dict[str, Any], eval_test: bool = True,
+                ) -> tuple[FileList, FileList | None, FileList | None]:
+    """(train, validation or None, test or None: not read unless ``eval_test``) lists of a
+    file-list set or preset; with no list files, of the class folders under data.root
+    (streamed: images of any size)."""
     if d.root is None:
         raise ConfigError(f"data.name={d.name} needs data.root: the folder the list files' image "
                           "paths are relative to")
     if d.name == "filelist" and d.train_list is None and d.test_list is None:
-        return _held_out(d, scan_class_folders(d.root), split)
+        train, val, test = _held_out(d, scan_class_folders(d.root), split)
+        return train, val, test if eval_test else None
     preset = PRESETS.get(d.name)
     lists = {"train": d.train_list, "val": d.val_list, "test": d.test_list}
     if preset is not None:
@@ -213,7 +274,7 @@ def _file_lists(d: DataConfig,
         empty = train.class_counts().index(0)
         raise ValueError(f"{train.source} has no image of class {empty} ({train.classes[empty]}); "
                          "every class needs training images")
-    test = load_file_list(lists["test"], d.root, classes=train.classes)
+    test = load_file_list(lists["test"], d.root, classes=train.classes) if eval_test else None
     val = (load_file_list(lists["val"], d.root, classes=train.classes)
            if lists["val"] is not None else None)
     return train, val, test
@@ -221,20 +282,19 @@ def _file_lists(d: DataConfig,
 
 def make_loaders(config: Config, data: Data, device: torch.device, rank: int = 0,
                  world: int = 1) -> tuple[BatchLoader | StreamingLoader,
-                                          BatchLoader | StreamingLoader]:
-    """(training loader, test loader). Every process draws the same global batches (drop_last
-    keeps them divisible); a streaming loader decodes only this process's slice of each."""
+                                          BatchLoader | StreamingLoader | None]:
+    """(training loader, test loader or None when the test set was not loaded). Every process
+    draws the same global batches (drop_last keeps them divisible); a streaming loader decodes
+    only this process's slice of each."""
     c, d = config, config.data
     train = data.train
+    test_loader = None if data.test is None else eval_loader(config, data, data.test, device)
     if isinstance(train, FileList):
         workers = d.workers if d.workers is not None else min(8, os.cpu_count() or 1)
         loader = StreamingLoader(
             StreamingDataset(train, d.image_size, train=d.augment != "none"), d.batch_size,
             shuffle=True, seed=c.run.seed, drop_last=world > 1, device=device, mean=data.mean,
             std=data.std, workers=workers, rank=rank, world=world)
-        test_loader = StreamingLoader(
-            StreamingDataset(data.test, d.image_size, train=False), d.eval_batch_size,
-            shuffle=False, device=device, mean=data.mean, std=data.std, workers=workers)
         return loader, test_loader
     augment = None
     if d.augment != "none" and train.images.dim() == 4:
@@ -243,9 +303,21 @@ def make_loaders(config: Config, data: Data, device: torch.device, rank: int = 0
     loader = BatchLoader(train.images, train.labels, d.batch_size, shuffle=True, seed=c.run.seed,
                          device=device, augment=augment, mean=data.mean, std=data.std,
                          drop_last=world > 1)
-    test_loader = BatchLoader(data.test.images, data.test.labels, d.eval_batch_size,
-                              shuffle=False, device=device, mean=data.mean, std=data.std)
     return loader, test_loader
+
+
+def eval_loader(config: Config, data: Data, ds: Dataset,
+                device: torch.device) -> BatchLoader | StreamingLoader:
+    """An evaluation loader (no shuffling, no augmentation, the training normalisation) over
+    ``ds``: the test or the validation set."""
+    d = config.data
+    if isinstance(ds, FileList):
+        workers = d.workers if d.workers is not None else min(8, os.cpu_count() or 1)
+        return StreamingLoader(StreamingDataset(ds, d.image_size, train=False), d.eval_batch_size,
+                               shuffle=False, device=device, mean=data.mean, std=data.std,
+                               workers=workers)
+    return BatchLoader(ds.images, ds.labels, d.eval_batch_size, shuffle=False, device=device,
+                       mean=data.mean, std=data.std)
 
 
 def _flip_only(batch: Tensor, generator: torch.Generator) -> Tensor:

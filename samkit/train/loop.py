@@ -56,7 +56,12 @@ from samkit.train.checkpoint import (
     write_json,
 )
 from samkit.train.config import Config, ConfigError, resume_changes
-from samkit.train.data import Data, make_loaders, prepare_data  # noqa: F401 (Data: a public name)
+from samkit.train.data import (  # noqa: F401 (Data: a public name)
+    Data,
+    eval_loader,
+    make_loaders,
+    prepare_data,
+)
 from samkit.train.metrics import expected_calibration_error, group_accuracy, per_class_accuracy
 from samkit.train.progress import RunDisplay, is_terminal, say
 from samkit.train.records import read_metrics
@@ -67,6 +72,9 @@ LOCK, STOPPED, CHANGES = ".lock", "stopped.json", "changes.jsonl"
 # the files a run writes; a run directory that a failed first call made holds only these
 RUN_FILES = ("config.yaml", "env.json", "split.json", METRICS, BEST, STOPPED, CHANGES, LOCK)
 CHECKPOINT_KEYS = ("model", "optimizer", "loader", "progress", "rng")
+GROUP_KEYS = ("overall", "many", "medium", "few")
+# what summary.json keeps of the best and the last epoch (val_*: the validation set's)
+BEST_KEYS = ("epoch", *GROUP_KEYS, *(f"val_{k}" for k in GROUP_KEYS))
 
 
 class TrainingError(RuntimeError):
@@ -364,6 +372,35 @@ class Trainer:
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.loader, self.test_loader = make_loaders(c, self.data, self.device, self.rank,
                                                      self.world)
+        self.val_loader = (None if self.data.val is None
+                           else eval_loader(c, self.data, self.data.val, self.device))
+        if self.test_loader is None and self.val_loader is None:
+            raise ValueError("run.eval_test=false needs a validation set to evaluate: set "
+                             "data.val_per_class=N (built-in sets) or data.val_fraction")
+
+    def _pairing(self) -> dict[str, str]:
+        """Digests of what a paired comparison needs runs of one seed to share: the split
+        (training and validation indices), the initial weights, and the batch order (the
+        loader's seed, batch size and augmentation over that split). Taken before the first
+        step and kept in the checkpoint, so a resumed run reports its true start."""
+        import hashlib
+
+        def digest(*parts: Any) -> str:
+            h = hashlib.sha256()
+            for part in parts:
+                h.update(json_text(part, indent=None).encode() if not isinstance(part, bytes)
+                         else part)
+            return h.hexdigest()[:16]
+
+        split = digest(self.data.split.get("indices"), self.data.split.get("val"),
+                       self.data.split.get("held_out"), self.data.counts)
+        weights = hashlib.sha256()
+        for tensor in self.model.state_dict().values():
+            weights.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        d = self.config.data
+        return {"split": split, "init": weights.hexdigest()[:16],
+                "batches": digest(split, self.config.run.seed, d.batch_size, d.augment,
+                                  d.crop_padding, self.world)}
 
     def _check_model_fits(self, images: Tensor) -> None:
         """One forward in eval mode (no statistic changes) on two training images, so a model
@@ -614,6 +651,7 @@ class Trainer:
         try:
             self._setup()
             self.state = self._fresh_state()
+            self.state["pairing"] = self._pairing()
             finished = self._prepare_run_dir()
             if finished is not None:
                 self.log(f"{self.run_dir} is finished already")
@@ -768,44 +806,63 @@ class Trainer:
         with getattr(self.optimizer, "at_w", contextlib.nullcontext)():
             if evaluated:
                 record.update(self.evaluate())
-            if self._agree(evaluated and record["test_loss"] is None):  # every process stops
+            bad = evaluated and any(k in record and record[k] is None
+                                    for k in ("test_loss", "val_loss"))
+            if self._agree(bad):  # every process stops
                 raise self._failure(f"the evaluation after epoch {epoch + 1} is not finite")
             if evaluated:
-                best = st["best"]
-                if best is None or record["overall"] > best["overall"]:
-                    st["best"] = {k: record[k] for k in ("epoch", "overall", "many", "medium",
-                                                         "few")}
+                # the best epoch: on validation when there is a validation set, else on test
+                key = "val_overall" if self.val_loader is not None else "overall"
+                best, value = st["best"], record.get(key)
+                if value is not None and (best is None or best.get(key) is None
+                                          or value > best[key]):
+                    st["best"] = {k: record.get(k) for k in BEST_KEYS}
+                    st["best"]["chosen_on"] = ("validation" if key == "val_overall"
+                                               else "test (optimistic)")
                     self._checkpoint(self.run_dir / BEST, weights_only=True)
         st.update(epoch=epoch + 1, step=0, loss_sum=0.0, correct=0, counted=0)
         if self.rank == 0:
             _append_metrics(self.run_dir, record)
         self._checkpoint(self.run_dir / CHECKPOINT)
         line = f"epoch {epoch + 1}/{c.schedule.epochs}: train loss {record['train_loss']:.4f}"
-        if "overall" in record:
-            line += (f", test overall {record['overall']:.4f} (many {_fmt(record['many'])}, "
-                     f"medium {_fmt(record['medium'])}, few {_fmt(record['few'])})")
+        for name, p in (("validation", "val_"), ("test", "")):
+            if f"{p}overall" in record:
+                line += (f", {name} overall {record[p + 'overall']:.4f} (many "
+                         f"{_fmt(record[p + 'many'])}, medium {_fmt(record[p + 'medium'])}, "
+                         f"few {_fmt(record[p + 'few'])})")
         self.display.say(line + self.display.eta_text())
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Test-set metrics: overall (mean per-class accuracy), many/medium/few, per class, ECE."""
+        """Metrics of the test set (overall: mean per-class accuracy; many/medium/few, per
+        class, loss, ECE) unless run.eval_test is false, and of the validation set if there is
+        one (val_overall, val_many, val_medium, val_few, val_loss; groups as for the test set,
+        by training count)."""
+        out: dict[str, Any] = {}
+        if self.val_loader is not None:
+            z, y, _, groups = self._evaluate_on(self.val_loader)
+            out.update({f"val_{k}": _num(v) for k, v in groups.items()})
+            out["val_loss"] = _loss(z, y)
+        if self.test_loader is not None:
+            z, y, per_class, groups = self._evaluate_on(self.test_loader)
+            out.update({**{k: _num(v) for k, v in groups.items()}, "test_loss": _loss(z, y),
+                        "ece": _num(expected_calibration_error(z, y, bins=15)),
+                        "per_class": [_num(v) for v in per_class.tolist()]})
+        return out
+
+    def _evaluate_on(self, loader: Any) -> tuple[Tensor, Tensor, Tensor, dict[str, float]]:
+        """Logits (eval mode), labels, per-class and group accuracy over one pass of ``loader``."""
         was_training = self.model.training
         self.model.eval()
         logits, labels = [], []
-        self.test_loader.set_epoch(0)
-        for x, y in self.test_loader:
+        loader.set_epoch(0)
+        for x, y in loader:
             logits.append(self.model(x).float())
             labels.append(y)
         self.model.train(was_training)
         z, y = torch.cat(logits), torch.cat(labels)
         per_class = per_class_accuracy(z, y, self.num_classes)
-        groups = group_accuracy(per_class, self.data.groups)
-        test_loss = float(torch.nn.functional.cross_entropy(z, y))
-        if not (math.isfinite(test_loss) and bool(torch.isfinite(z).all())):
-            test_loss = None  # JSON null; the loop stops on it
-        return {**{k: _num(v) for k, v in groups.items()}, "test_loss": test_loss,
-                "ece": _num(expected_calibration_error(z, y, bins=15)),
-                "per_class": [_num(v) for v in per_class.tolist()]}
+        return z, y, per_class, group_accuracy(per_class, self.data.groups)
 
     def _plot(self) -> None:
         try:
@@ -841,9 +898,9 @@ class Trainer:
             "label": self.config.run.label or self.config.optim.method,
             "seed": self.config.run.seed, "run": str(self.run_dir),
             "epochs": self.config.schedule.epochs,
-            "last": {k: last.get(k) for k in ("epoch", "overall", "many", "medium", "few",
-                                               "test_loss", "ece")},
+            "last": {k: last.get(k) for k in (*BEST_KEYS, "test_loss", "ece", "val_loss")},
             "best": st["best"], "per_class": last.get("per_class"),
+            "test_read": self.test_loader is not None, "pairing": st.get("pairing"),
             "classes": self.data.train.classes, "counts": self.data.counts,
             "groups": self.data.groups,
             "thresholds": {"many": self.data.thresholds[0], "few": self.data.thresholds[1]},
@@ -852,7 +909,10 @@ class Trainer:
             "forwards_per_step": st["forwards"] / max(st["global_step"], 1),
             "nonfinite_steps": st["nonfinite"],
             "peak_memory_mb": _peak_memory_mb(self.device), "processes": self.world,
-            "note": "'last' is the final epoch; 'best' is the best test epoch (optimistic).",
+            "note": ("'last' is the final epoch; 'best' is the epoch of the best validation "
+                     "overall accuracy (its test numbers unbiased by the choice)"
+                     if self.val_loader is not None else
+                     "'last' is the final epoch; 'best' is the best test epoch (optimistic)."),
         }
         write_json(self.run_dir / SUMMARY, summary)
         self._plot()
@@ -861,6 +921,13 @@ class Trainer:
         return summary
 
 
+
+
+def _loss(z: Tensor, y: Tensor) -> float | None:
+    """Mean cross-entropy of logits ``z``; None (JSON null: the loop stops on it) if it or any
+    logit is not finite."""
+    loss = float(torch.nn.functional.cross_entropy(z, y))
+    return loss if math.isfinite(loss) and bool(torch.isfinite(z).all()) else None
 
 
 def _num(value: float) -> float | None:
