@@ -111,20 +111,7 @@ class KSAM(SharpnessAware):
         """The ranking forward over every micro-batch: (per-sample losses, logits)."""
         losses, logits = [], []
         for closure, labels in zip(batch.closures, batch.labels or [], strict=True):
-            with torch.set_grad_enabled(self.graph):
-                z = closure()
-                if not isinstance(z, Tensor) or z.dim() != 2 or z.shape[0] != labels.shape[0]:
-                    raise ValueError(
-                        "the closure must return the logits (B, C) of its micro-batch; got "
-                        f"{tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__} "
-                        f"for {labels.shape[0]} labels"
-                    )
-                loss = self.loss_fn(z, labels)
-            if loss.shape != labels.shape:
-                raise ValueError(
-                    "loss_fn must return one loss per sample (reduction='none'): expected shape "
-                    f"{tuple(labels.shape)}, got {tuple(loss.shape)}"
-                )
+            z, loss = self._forward(closure, labels, grad=self.graph)
             losses.append(loss)
             logits.append(z.detach())
         return losses, logits
