@@ -211,9 +211,11 @@ def _rho_c(w_norm, g_norm, k, n_c):
 
 
 def ccsam_classifier(model, opt, x, y, counts, s, beta, variant="authors"):
-    """variant "authors": g_c from class c's mean loss over its samples in the batch, the weight and
-    bias perturbations each divided by its own norm; "joint": g_c from class c's loss summed over
-    the batch and divided by B, one norm over weight and bias together."""
+    """variant "authors" (zzpustc/CC-SAM, train_cifar.py): g_c from class c's mean loss over its
+    samples in the batch; each head tensor t (weight, bias) gets its own radius from its own norms,
+    rho_{c,t} = sqrt(||W_t|| / (2 ||g_{c,t}||)) k^(-1/4) (n_c - 1)^(-1/4), k the whole head's size,
+    and e_{c,t} = s sqrt(k) rho_{c,t} g_{c,t} / ||g_{c,t}||; "joint": g_c from class c's loss summed
+    over the batch and divided by B, one radius and one norm over weight and bias together."""
     params = params_of(opt)
     head = model.head
     f = model.features(x)
@@ -230,7 +232,9 @@ def ccsam_classifier(model, opt, x, y, counts, s, beta, variant="authors"):
         n = global_norm(g_c)
         rho = _rho_c(w_norm, n, k, counts[c])
         if variant == "authors":
-            e[c] = [s * math.sqrt(k) * rho * g / (global_norm([g]) + 1e-12) for g in g_c]
+            e[c] = [s * math.sqrt(k) * _rho_c(global_norm([w.detach()]), global_norm([g]), k,
+                                               counts[c]) * g / (global_norm([g]) + 1e-12)
+                    for w, g in zip(weights, g_c)]
         else:
             e[c] = [s * math.sqrt(k) * rho * g / (n + 1e-12) for g in g_c]
     perturbed = []

@@ -12,10 +12,10 @@ parameters and s a global scale (the authors' "noise_ratio"). Two forms:
 - "classifier" (the authors' code): W is the classifier only, re-evaluated for every class on the
   unperturbed features of the clean pass; all classes at once, no host sync: about 1F 1B. Two
   variants:
-  "authors" (default; the authors' released code): g_c is the gradient of the class-MEAN loss
-  (1/m_c) sum_{b in c} l_b over the batch's m_c samples of class c, and unit() is taken per tensor:
-  the head's weight and bias perturbations are each g_c's part divided by its own norm, each scaled
-  by s sqrt(k) rho_c (rho_c from ||W|| and ||g_c|| over the whole head);
+  "authors" (default; the authors' released code, train_cifar.py): g_c is the gradient of the
+  class-MEAN loss (1/m_c) sum_{b in c} l_b over the batch's m_c samples of class c, and each head
+  tensor t (weight, bias) is perturbed on its own: rho_{c,t} from that tensor's ||W_t|| and
+  ||g_{c,t}|| (k stays the whole head's size), e_{c,t} = s sqrt(k) rho_{c,t} g_{c,t} / ||g_{c,t}||;
   "joint" (samkit's form before 0.x, the formula above read literally): g_c from (1/B) sum_{b in c}
   l_b, one unit() over the whole head. A tuned s does not carry over between the two.
 - "full" (samkit's extension, not in the authors' code): W is every parameter, g_c from
@@ -199,16 +199,16 @@ class CCSAM(ClassAware):
             squares = [x.reshape(num_classes, -1).square().sum(1) for x in g]  # (C,) per tensor
             g_norm = torch.stack(squares).sum(0).sqrt() * inverse
             k = sum(w.numel() for w in weights)
-            radius = self._radius(
-                _global_norm(weights), g_norm, k, self._table("n", self.count_factor, g_norm)
-            )
-            if self.variant == "authors":
-                norms = [q.sqrt() * inverse for q in squares]  # each tensor by its own norm
+            n_factor = self._table("n", self.count_factor, g_norm)
+            if self.variant == "authors":  # each tensor: its own radius and its own unit()
+                norms = [q.sqrt() * inverse for q in squares]
+                radii = [self._radius(w.norm(), n, k, n_factor) for w, n in zip(weights, norms)]
             else:
                 norms = [g_norm] * len(g)
+                radii = [self._radius(_global_norm(weights), g_norm, k, n_factor)] * len(g)
             e = [
                 (radius * inverse / (n + EPS)).view(-1, *[1] * w.dim()) * x
-                for w, x, n in zip(weights, g, norms, strict=True)
+                for w, x, n, radius in zip(weights, g, norms, radii, strict=True)
             ]
 
         def head_at(*ws: Tensor) -> Tensor:
