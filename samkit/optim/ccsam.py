@@ -202,7 +202,8 @@ class CCSAM(ClassAware):
             n_factor = self._table("n", self.count_factor, g_norm)
             if self.variant == "authors":  # each tensor: its own radius and its own unit()
                 norms = [q.sqrt() * inverse for q in squares]
-                radii = [self._radius(w.norm(), n, k, n_factor) for w, n in zip(weights, norms)]
+                radii = [self._radius(w.norm(), n, k, n_factor)
+                         for w, n in zip(weights, norms, strict=True)]
             else:
                 norms = [g_norm] * len(g)
                 radii = [self._radius(_global_norm(weights), g_norm, k, n_factor)] * len(g)
