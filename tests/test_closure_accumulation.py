@@ -8,7 +8,7 @@ ascent direction is unit(G + grad L_c(w)) and G enters the final gradient exactl
 from __future__ import annotations
 
 import torch
-from optim_helpers import batches, clone, make_model
+from optim_helpers import COUNTS, batches, clone, make_model
 from reference import ce, grad_of
 
 import samkit.optim as so
@@ -107,3 +107,22 @@ def test_the_accumulated_gradient_is_not_reused_by_the_next_step():
     ref_opt.step(lambda: ref(x), y)
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-14)
+
+
+def test_labelled_steps_replace_a_gradient_left_in_p_grad():
+    """The documented rule (README): with labels, every gradient is computed by the step itself,
+    so a gradient left in p.grad before the step does not enter it."""
+    (x1, y1), (x2, y2) = batches("mlp", 2)
+    for method in ("sam", "focalsam", "imbsam"):
+        kwargs = {"class_counts": COUNTS} if method != "sam" else {}
+        runs = []
+        for stale in (True, False):
+            model = make_model("mlp")
+            opt = so.create(method, model.parameters(), rho=0.1, lr=0.1, **kwargs)
+            if stale:
+                ce(model(x1), y1).mean().backward()
+            opt.step(lambda model=model: model(x2), y2)
+            runs.append(model)
+        for p, q in zip(runs[0].parameters(), runs[1].parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=0)
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)

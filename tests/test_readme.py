@@ -54,6 +54,9 @@ def shortened(line: str, data: Path, index: int) -> list[str]:
     short = [f"data.root={data}", "data.name=fashion-mnist", "data.limit_per_class=300",
              "data.batch_size=32", "data.eval_batch_size=400", "schedule.epochs=1",
              "run.max_steps_per_epoch=1", "run.threads=1"]
+    if "mnist1d" in line:  # generated, small (the test points SAMKIT_CACHE at its own folder)
+        short = ["data.mnist1d.num_samples=1500", "data.n_max=80", "data.ratio=10",
+                 "data.val_per_class=20", *short[3:]]
     if argv[0] == "train" and "--resume" not in argv and "--print-config" not in argv:
         if not any(a.startswith("run.name=") for a in argv):
             short.append(f"run.name=readme-{index}")  # the default names would collide
@@ -84,6 +87,7 @@ def test_every_readme_command_runs(tmp_path: Path, tiny_fmnist: Path,
                                    monkeypatch: pytest.MonkeyPatch,
                                    capsys: pytest.CaptureFixture) -> None:
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SAMKIT_CACHE", str(tmp_path / "cache"))
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     ran = 0
     for index, line in enumerate(readme_commands()):

@@ -71,6 +71,9 @@ class DataConfig:
     many: int | None = None  # many-shot: more than this many training images (default by C)
     few: int | None = None  # few-shot: fewer than this many (default by C)
     limit_per_class: int | None = None  # read only the first k images of each class (quick runs)
+    # data.name=mnist1d only: arguments of the mnist1d package's generator (num_samples,
+    # iid_noise_scale, seed, ...); the generated set is cached, keyed by them
+    mnist1d: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -339,6 +342,9 @@ def validate(config: Config) -> None:
     if d.val_per_class and d.val_fraction:
         raise ConfigError("data.val_per_class and data.val_fraction both ask for a validation "
                           "set; set one of them to 0")
+    if d.mnist1d and d.name.lower().replace("-", "") != "mnist1d":
+        raise ConfigError(f"data.mnist1d sets the generator of data.name=mnist1d, but data.name "
+                          f"is {d.name!r}; remove data.mnist1d or set data.name=mnist1d")
     need(d.image_size >= 8, "data.image_size", d.image_size, ">= 8")
     need(d.workers is None or d.workers >= 0, "data.workers", d.workers, "None or >= 0")
     need(d.order in ("shuffle", "first"), "data.order", d.order, "shuffle or first")
@@ -357,6 +363,15 @@ def validate(config: Config) -> None:
         need(len(item) == 2 and 0 <= item[0] <= 1 and item[1] >= 0, f"optim.rho_schedule[{i}]",
              item, "[fraction in [0, 1], rho >= 0]")
     need(s.epochs >= 1, "schedule.epochs", s.epochs, ">= 1")
+    if config.loss.name.lower() == "ldam-drw":
+        from samkit.losses import LDAM_DRW_EPOCH
+
+        drw = config.loss.kwargs.get("drw_epoch", LDAM_DRW_EPOCH)
+        if isinstance(drw, int) and drw >= s.epochs:
+            raise ConfigError(
+                f"loss ldam-drw re-weights from epoch {drw} (counted from 0) but schedule.epochs "
+                f"is {s.epochs}, so it never would: set loss.kwargs.drw_epoch below {s.epochs} "
+                f"(the LDAM-DRW protocol re-weights the last fifth: {int(0.8 * s.epochs)})")
     need(s.lr in ("cosine", "step", "constant"), "schedule.lr", s.lr, "cosine, step or constant")
     need(s.warmup_epochs >= 0, "schedule.warmup_epochs", s.warmup_epochs, ">= 0")
     need(0 < s.decay <= 1, "schedule.decay", s.decay, "in (0, 1]")

@@ -203,7 +203,10 @@ def _in_memory(d: DataConfig, progress: bool, split: dict[str, Any], eval_test: 
                ) -> tuple[ArrayDataset, ArrayDataset | None, ArrayDataset | None]:
     """(train, validation or None, test or None: not loaded unless ``eval_test``) of a named
     set or an image folder, in memory."""
-    common = {"root": d.root, "progress": progress, "limit_per_class": d.limit_per_class}
+    common: dict[str, Any] = {"root": d.root, "progress": progress,
+                              "limit_per_class": d.limit_per_class}
+    if d.mnist1d:
+        common["mnist1d_args"] = dict(d.mnist1d)
     if d.name in ("image-folder", "imagefolder") and d.root is not None:
         try:
             train = load_dataset(d.name, split="train", **common)
