@@ -155,7 +155,7 @@ def test_report_adds_the_sharpness_of_runs_that_have_it(tmp_path: Path) -> None:
     result = json.loads((runs[0] / "sharpness" / "sharpness.json").read_text())
     paths = write_report(runs, tmp_path / "report")
     md = paths[0].read_text()
-    assert "| method | Hessian trace | trace / ||g|| | sharpness many |" in md
+    assert "| method | Hessian trace | trace / ‖g‖ | sharpness many |" in md  # no stray pipes
     with open(paths[1]) as f:
         row = next(csv.DictReader(f))
     assert float(row["normalized_trace"]) == pytest.approx(result["normalized_trace"]["value"])

@@ -327,7 +327,7 @@ def _tuning_markdown(tuning: dict[str, Any]) -> list[str]:
 
 
 SHARPNESS_COLUMNS = {
-    "trace": "Hessian trace", "normalized_trace": "trace / ||g||", "lambda_max": "lambda_max",
+    "trace": "Hessian trace", "normalized_trace": "trace / ‖g‖", "lambda_max": "lambda_max",
     "lambda_min": "lambda_min", "sharpness_many": "sharpness many",
     "sharpness_medium": "sharpness medium", "sharpness_few": "sharpness few",
 }
