@@ -9,14 +9,18 @@
 Modes: fp32; bf16 (every pass under torch.autocast in bfloat16); compiled (the model under
 torch.compile); compiled-bf16 (both). One table per model and mode.
 
-For each method: the median step time divided by the median plain-SGD step time, next to the floor
-(nF tF + nB tB) / (tF + tB), where tF and tB are the median forward and backward times of the same
-model and batch, and nF, nB the method's passes. `pytorch_optimizer`'s SAM, GSAM, LookSAM and
-FriendlySAM (if installed) are timed in the same rounds. Methods are interleaved round by round, so
-slow drifts of the machine hit all alike. K-SAM's passes on its k = B/4 samples count as fractions
-of a pass (its ranking forward, without a gradient, as a whole one). LookSAM's cost varies by step
-(a SAM step every k): its column is the mean, not the median, over the rounds, which should then
-be a multiple of k.
+For each method: the median step time divided by the median plain-SGD step time (x SGD), and
+divided by its floor nF tF + nB tB + tU (x floor), where tF and tB are the median forward and
+backward times of the same model and batch, tU the median time of one plain SGD update, and nF, nB
+the method's passes: the passes the method cannot avoid, plus the one update every method makes.
+tF, tB and tU are timed apart in the same rounds as the methods (a tight loop of them alone runs
+faster, with warmer caches). `pytorch_optimizer`'s SAM, GSAM, LookSAM and FriendlySAM (if
+installed) are timed in the same rounds, and a minimal SAM written out in this script (no checks,
+no options) shows what the ascent itself costs. Methods are interleaved round by round, so slow
+drifts of the machine hit all alike. K-SAM's passes on its k = B/4 samples are timed at batch k
+(its ranking forward, without a gradient, counts as a whole one). LookSAM's cost varies by step (a
+SAM step every k): its column is the mean, not the median, over the rounds, which should then be
+a multiple of k.
 
 Cost options (spec/ALGORITHMS-EFFICIENT.md, generic options A and B): each ``--options k=v,...``
 adds a row ``method[k=v,...]`` for every method in --methods that takes them (plain always runs
@@ -41,6 +45,7 @@ import samkit.optim as so
 from samkit.models import build_model
 
 NUM_CLASSES = 10
+MLP_IN = 40  # mlp-bn: the small step of issue 15 (40-256-256-10 with BatchNorm, MNIST-1D's width)
 COUNTS = [int(5000 * 100 ** (-i / 9)) for i in range(NUM_CLASSES)]  # CIFAR-10-LT, ratio 100
 KSAM_FRACTION = 0.25  # K-SAM's default k = B/4
 LOOKSAM_K = 5
@@ -68,6 +73,9 @@ METHODS: dict[str, tuple[dict, tuple[int, int]]] = {
     "looksam": ({"rho": 0.05, "k": LOOKSAM_K, "alpha": 0.7}, (1 + 1 / LOOKSAM_K, 1 + 1 / LOOKSAM_K)),
     "fsam": ({"rho": 0.05, "sigma": 1.0, "lam": 0.9}, (2, 2)),
 }
+#: K-SAM: (forwards, backwards) at batch B, then at batch k (its ranking forward has no graph;
+#: the graph variant backpropagates its subset loss through the ranking pass's full graph)
+SUBSET_PASSES = {"ksam": (1, 0, 2, 2), "ksam-graph": (1, 1, 1, 1)}
 #: timed by their mean over the rounds (their cost varies by step)
 PERIODIC = {"looksam", "pytorch_optimizer.LookSAM"}
 #: under ascent_every: the passes of a step that reuses the stored direction (ascent_between
@@ -118,6 +126,26 @@ def option_passes(name: str, passes: tuple[float, float], options: dict[str, obj
     return nf, nb
 
 
+def build(name: str) -> torch.nn.Module:
+    """A samkit model by name, or ``mlp-bn``: 40-256-256-10 with BatchNorm after each hidden layer
+    (a step where the passes are cheap and any work beyond them shows)."""
+    return MLPBN() if name == "mlp-bn" else build_model(name, num_classes=NUM_CLASSES)
+
+
+class MLPBN(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.body = nn.Sequential(
+            nn.Linear(MLP_IN, 256), nn.BatchNorm1d(256), nn.ReLU(),
+            nn.Linear(256, 256), nn.BatchNorm1d(256), nn.ReLU(),
+        )
+        self.head = nn.Linear(256, NUM_CLASSES)  # what CC-SAM's classifier form perturbs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -136,7 +164,8 @@ MODES = ("fp32", "bf16", "compiled", "compiled-bf16")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="resnet32", help="comma-separated model names")
+    parser.add_argument("--models", default="resnet32",
+                        help="comma-separated model names (samkit's, or mlp-bn)")
     parser.add_argument("--modes", default="fp32", help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--reps", type=int, default=15, help="timed rounds per method")
@@ -169,11 +198,14 @@ def bench(model_name: str, mode: str, args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = build_model(model_name, num_classes=NUM_CLASSES).to(device, memory_format=fmt)
+    model = build(model_name).to(device, memory_format=fmt)
     net = torch.compile(model) if mode.startswith("compiled") else model
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if mode.endswith("bf16")
                 else contextlib.nullcontext())
-    x = torch.randn(args.batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+    shape = (MLP_IN,) if model_name == "mlp-bn" else (3, 32, 32)
+    x = torch.randn(args.batch, *shape, device=device)
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=fmt)
     y = torch.randint(0, NUM_CLASSES, (args.batch,), device=device)
     present = len(torch.unique(y))
 
@@ -212,24 +244,46 @@ def bench(model_name: str, mode: str, args: argparse.Namespace) -> None:
             PERIODIC.add(label)
         nf, nb = (1 + present, 1 + 2 * present) if nf < 0 else (nf, nb)
         passes[label] = option_passes(name, (nf, nb), options, args.batch)
-    # forward and backward alone
-    t_f, t_b = [], []
-    for i in range(args.warmup + args.reps):
-        sync(device)
-        t0 = time.perf_counter()
-        with autocast:
-            loss = F.cross_entropy(net(x), y)
-        sync(device)
-        t1 = time.perf_counter()
-        loss.backward()
-        sync(device)
-        t2 = time.perf_counter()
-        model.zero_grad(set_to_none=True)
-        if i >= args.warmup:
-            t_f.append(t1 - t0)
-            t_b.append(t2 - t1)
-    tf, tb = statistics.median(t_f), statistics.median(t_b)
+    # forward, backward and one plain torch.optim.SGD update, timed apart in the same rounds as
+    # the methods (so with the same state of the caches: a tight loop of them alone runs faster)
+    t_f: list[float] = []
+    t_b: list[float] = []
+    t_u: list[float] = []
+    sgd = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
 
+    # K-SAM's passes on its k samples, timed at batch k too (a small batch does not cost k/B of
+    # a pass: the per-operation overhead stays)
+    k = max(1, round(KSAM_FRACTION * args.batch))
+    sub_f: list[float] = []
+    sub_b: list[float] = []
+    subset = any(name.startswith("ksam") for name in passes)
+
+    def probe(record: bool) -> None:
+        for xs, ys, into_f, into_b in ((x, y, t_f, t_b), (x[:k], y[:k], sub_f, sub_b))[
+            : 1 + subset
+        ]:
+            sync(device)
+            t0 = time.perf_counter()
+            with autocast:
+                loss = F.cross_entropy(net(xs), ys)
+            sync(device)
+            t1 = time.perf_counter()
+            loss.backward()
+            sync(device)
+            t2 = time.perf_counter()
+            if xs is x:
+                sgd.step()
+            sync(device)
+            t3 = time.perf_counter()
+            model.zero_grad(set_to_none=True)
+            if record:
+                into_f.append(t1 - t0)
+                into_b.append(t2 - t1)
+                if xs is x:
+                    t_u.append(t3 - t2)
+
+    steps["minimal SAM"] = minimal_sam(model, net, x, y)
+    passes["minimal SAM"] = (2, 2)
     try:
         import pytorch_optimizer  # noqa: F401
     except ImportError:
@@ -241,27 +295,39 @@ def bench(model_name: str, mode: str, args: argparse.Namespace) -> None:
 
     times: dict[str, list[float]] = {name: [] for name in steps}
     for i in range(args.warmup + args.reps):
+        probe(i >= args.warmup)
         for name, step in steps.items():
             with autocast:
                 t = timed(step, device)
             if i >= args.warmup:
                 times[name].append(t)
 
-    base = statistics.median(times["plain"]) if "plain" in times else tf + tb
+    tf, tb, tu = statistics.median(t_f), statistics.median(t_b), statistics.median(t_u)
+    base = statistics.median(times["plain"]) if "plain" in times else tf + tb + tu
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     print(f"\n# {model_name}, {mode}, batch {args.batch}, {device}{gpu}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
           f"{', channels-last' if args.channels_last else ''}")
-    print(f"# forward {tf * 1e3:.1f} ms, backward {tb * 1e3:.1f} ms, plain step {base * 1e3:.1f} ms, "
+    print(f"# forward {tf * 1e3:.2f} ms, backward {tb * 1e3:.2f} ms, update {tu * 1e3:.2f} ms, "
+          f"plain step {base * 1e3:.2f} ms, "
           f"{args.reps} rounds, {present} classes in the batch")
+    if subset:
+        print(f"# K-SAM's k = {k}: forward {statistics.median(sub_f) * 1e3:.2f} ms, backward "
+              f"{statistics.median(sub_b) * 1e3:.2f} ms at batch {k}")
     print("| method | passes | ms/step | x SGD | floor | x floor |")
     print("|---|---|---|---|---|---|")
     for name, ts in times.items():
         nf, nb = passes[name]
         med = statistics.mean(ts) if name in PERIODIC else statistics.median(ts)
-        floor = (nf * tf + nb * tb) / (tf + tb)
-        print(f"| {name} | {nf:g}F {nb:g}B | {med * 1e3:.1f} | {med / base:.2f} | {floor:.2f} | "
-              f"{med / base / floor:.3f} |")
+        floor = nf * tf + nb * tb + tu
+        shown = f"{nf:g}F {nb:g}B"
+        if name in SUBSET_PASSES:  # passes at batch B, then at batch k
+            nf, nb, kf, kb = SUBSET_PASSES[name]
+            floor = nf * tf + nb * tb + kf * statistics.median(sub_f) + kb * statistics.median(sub_b)
+            floor += tu
+            shown = f"{nf:g}F {nb:g}B + {kf:g}F {kb:g}B at k"
+        print(f"| {name} | {shown} | {med * 1e3:.2f} | {med / base:.2f} | "
+              f"{floor / base:.2f} | {med / floor:.3f} |")
 
 
 REFERENCE_PASSES = {
@@ -270,6 +336,34 @@ REFERENCE_PASSES = {
     "pytorch_optimizer.LookSAM": (1 + 1 / LOOKSAM_K, 1 + 1 / LOOKSAM_K),
     "pytorch_optimizer.FriendlySAM": (2, 2),
 }
+
+
+def minimal_sam(
+    model: torch.nn.Module, net: Callable, x: torch.Tensor, y: torch.Tensor
+) -> Callable[[], None]:
+    """The least a SAM step can do: two passes, e = rho g / ||g|| added and subtracted (no exact
+    restore, no checks, no options), one SGD update. Not a method to use: a yardstick for the
+    work beyond the passes that the ascent itself needs."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    sgd = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+
+    def step() -> None:
+        F.cross_entropy(net(x), y).backward()
+        e = [p.grad for p in params]
+        with torch.no_grad():
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(e)))
+            torch._foreach_mul_(e, 0.05 / (norm + 1e-12))
+            torch._foreach_add_(params, e)
+        for p in params:
+            p.grad = None
+        F.cross_entropy(net(x), y).backward()
+        with torch.no_grad():
+            torch._foreach_sub_(params, e)
+        sgd.step()
+        for p in params:
+            p.grad = None
+
+    return step
 
 
 def reference_steps(
@@ -281,7 +375,10 @@ def reference_steps(
 
     missing = [n for n in ("GSAM", "LookSAM", "FriendlySAM", "ProportionScheduler") if not hasattr(po, n)]
     if missing:
-        raise SystemExit(f"pytorch_optimizer {po.__version__} lacks {', '.join(missing)}: "
+        from importlib.metadata import version
+
+        raise SystemExit(f"pytorch_optimizer {version('pytorch_optimizer')} lacks "
+                         f"{', '.join(missing)}: "
                          "pip install 'pytorch_optimizer>=4.1'")
 
     def sgd(params: object) -> torch.optim.SGD:

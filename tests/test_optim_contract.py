@@ -465,3 +465,51 @@ def test_step_reads_no_tensor_value_on_the_host(name: str, monkeypatch) -> None:
     opt.step(lambda: model(x), y)
     monkeypatch.undo()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_step_hooks_and_profiler_scope_follow_torch() -> None:
+    """samkit skips torch's per-step profiler scope when nothing would see it (issue 15's small
+    steps); hooks on the optimizer and on its base, global hooks, a profiler and an LR scheduler
+    must still see every step."""
+    import warnings
+
+    from torch.optim.optimizer import (
+        register_optimizer_step_post_hook,
+        register_optimizer_step_pre_hook,
+    )
+
+    model = make_model("mlp")
+    opt = make("sam", model)
+    seen: list[str] = []
+    handles = [
+        opt.register_step_pre_hook(lambda o, a, k: seen.append(f"pre {type(o).__name__}")),
+        opt.register_step_post_hook(lambda o, a, k: seen.append(f"post {type(o).__name__}")),
+        opt.base.register_step_pre_hook(lambda o, a, k: seen.append(f"pre {type(o).__name__}")),
+    ]
+    run(opt, model, batches("mlp", 1))
+    assert seen == ["pre SAM", "pre SGD", "post SAM"]
+    for h in handles:
+        h.remove()
+    seen.clear()
+    handles = [
+        register_optimizer_step_pre_hook(lambda o, a, k: seen.append(f"pre {type(o).__name__}")),
+        register_optimizer_step_post_hook(lambda o, a, k: seen.append(f"post {type(o).__name__}")),
+    ]
+    try:
+        run(opt, model, batches("mlp", 1))
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen == ["pre SAM", "pre SGD", "post SGD", "post SAM"]
+    seen.clear()
+    run(opt, model, batches("mlp", 1))
+    assert seen == []  # removed hooks stay removed
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run(opt, model, batches("mlp", 1))
+    names = {e.key for e in prof.key_averages()}
+    assert {"Optimizer.step#SAM.step", "Optimizer.step#SGD.step"} <= names
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    run(opt, model, batches("mlp", 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "lr_scheduler.step() before optimizer.step()"
+        sched.step()

@@ -190,6 +190,50 @@ def test_ccsam_variant_is_checked() -> None:
         so.CCSAM(model.parameters(), class_counts=COUNTS, head=model.head, lr=0.1, variant="x")
 
 
+class _OpaqueLinear(torch.nn.Linear):
+    """An nn.Linear that CC-SAM cannot recognise as one (so it takes the batched-backward path)."""
+
+
+@pytest.mark.parametrize("variant", ["authors", "joint"])
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+@pytest.mark.parametrize("frozen", [None, "bias", "weight"])
+def test_ccsam_linear_head_closed_form_equals_batched_backward(
+    variant: str, kind: str, frozen: str | None
+) -> None:
+    """CC-SAM's classifier form on an nn.Linear head computes the class gradients and the
+    perturbed logits in closed form; the general path (batched backward, vmap over the classes)
+    must give the same steps, with LDAM's per-class margins as the loss and micro-batches."""
+    from samkit.losses import LDAM
+
+    model = make_model(kind)
+    twin = clone(model)
+    old = twin.head
+    twin.head = _OpaqueLinear(old.in_features, old.out_features).double()
+    twin.head.load_state_dict(old.state_dict())
+    if frozen:
+        getattr(model.head, frozen).requires_grad_(False)
+        getattr(twin.head, frozen).requires_grad_(False)
+    loss = LDAM(COUNTS, s=1.0, drw_epoch=0).double()  # margins and class weights
+
+    def make(net):
+        return so.CCSAM([p for p in net.parameters() if p.requires_grad], class_counts=COUNTS,
+                        head=net.head, s=0.05, variant=variant, loss_fn=loss, **SGD)
+
+    opt, opt_twin = make(model), make(twin)
+    assert opt._linear_head() and not opt_twin._linear_head()
+    for i, (x, y) in enumerate(batches(kind, 3)):
+        if i == 2:  # two micro-batches
+            halves = [(x[:10], y[:10]), (x[10:], y[10:])]
+            out = opt.step([lambda x=x: model(x) for x, _ in halves], [y for _, y in halves])
+            out_twin = opt_twin.step([lambda x=x: twin(x) for x, _ in halves],
+                                     [y for _, y in halves])
+        else:
+            out = opt.step(lambda x=x: model(x), y)
+            out_twin = opt_twin.step(lambda x=x: twin(x), y)
+        torch.testing.assert_close(out.loss, out_twin.loss)
+    assert_same_model(model, twin)
+
+
 @pytest.mark.parametrize("cast", ["double", "to", "half-then-double"])
 def test_freeze_finds_the_buffers_after_the_model_is_cast(cast: str) -> None:
     """norm_stats="freeze" on a model cast after the optimizer was built: the running statistics are

@@ -79,6 +79,30 @@ def test_shipped_mnist1d_recipes(name: str, methods: list[str], tuning: int, fin
                                                                      {"num_samples": 40000}, 60)
 
 
+@pytest.mark.parametrize("name, methods, tuning, final", [
+    ("compare_tuned_fmnist_lt_mlp.yaml",
+     ["plain", "sam", "imbsam", "ccsam", "focalsam", "ssesam", "bisam", "crsam"], 32, 40),
+    ("compare_tuned_fmnist_lt_mlp_la.yaml", ["plain", "sam", "imbsam", "focalsam"], 17, 20),
+    ("compare_tuned_fmnist_lt_mlp_ldam.yaml", ["plain", "sam", "imbsam", "ccsam", "ssesam"], 20,
+     25),
+    ("compare_efficient_fmnist_lt_mlp.yaml",
+     ["plain", "sam", "focalsam", "imbsam", "msam", "ksam", "looksam", "gsam", "fsam",
+      "focalsam-every5", "imbsam-top25"], 21, 55),
+])
+def test_shipped_fmnist_mlp_recipes(name: str, methods: list[str], tuning: int, final: int) -> None:
+    compare = read_compare(CONFIGS / name)
+    assert list(compare.by_method()) == methods
+    assert len(compare.tuning_runs()) == tuning and compare.tune.seeds == [0]
+    assert len(compare.final_runs(
+        {m: points[0].row for m, points in compare.by_method().items()})) == final
+    for planned in compare.tuning_runs():
+        c = planned.config
+        assert not c.run.eval_test and c.data.val_per_class == 500  # tuning never reads test
+        assert (c.data.name, c.data.ratio, c.data.augment, c.model.name, c.schedule.epochs) == (
+            "fashion-mnist", 200, "none", "mlp", 40)
+        assert c.model.head == ("normed" if c.loss.name == "ldam-drw" else "linear")
+
+
 def _row(label: str, few: list[float], trace: list[float] | None = None) -> Row:
     row = Row(label, label, seeds=list(range(len(few))))
     row.last["few"] = few
@@ -133,7 +157,17 @@ def test_claims_file_names_its_compares(tmp_path: Path) -> None:
         {"claim": "c", "paper": "p", "in": "la", "method": "a", "than": "b", "metric": "few"}]}))
     with pytest.raises(ValueError, match="is in compare 'la', which 'compares' does not name"):
         read_claims(path)
-    shipped = read_claims(CONFIGS.parent / "docs" / "results" / "mnist1d-lt100" / "claims.yaml")
-    assert {c.where for c in shipped[1]} <= set(shipped[0])
-    for recipe in shipped[0].values():
-        assert (CONFIGS.parent / recipe).is_file()
+    for protocol in ("mnist1d-lt100", "fmnist-lt200-mlp"):
+        shipped = read_claims(CONFIGS.parent / "docs" / "results" / protocol / "claims.yaml")
+        assert {c.where for c in shipped[1]} <= set(shipped[0])
+        for recipe in shipped[0].values():
+            assert (CONFIGS.parent / recipe).is_file()
+
+
+def test_claims_cli_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    from samkit.report.claims import main
+
+    assert main(["--help"]) == 0
+    assert "usage: python -m samkit.report.claims CLAIMS.yaml" in capsys.readouterr().out
+    assert main([]) == 2
+    assert "usage:" in capsys.readouterr().err

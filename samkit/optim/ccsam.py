@@ -177,13 +177,7 @@ class CCSAM(ClassAware):
             select = one_hot * numer / denom.to(losses.dtype)  # (C, B)
             if self.grad_scaler is not None:
                 select = self.grad_scaler.scale(select)
-            # through the head alone, re-applied to the features: the batched backward never
-            # enters the model's graph (which torch.compile may have built)
-            with torch.enable_grad():
-                head_losses = self.loss_fn(self.head(features.detach()), labels)
-            g_i = torch.autograd.grad(
-                head_losses, weights, grad_outputs=select, is_grads_batched=True
-            )
+            g_i = self._class_grads(features, labels, select, names, weights)
             g = list(g_i) if g is None else torch._foreach_add(g, g_i)
             clean = (1 - self.beta) * losses.sum() / size
             if len(micro) == 1:
@@ -212,23 +206,84 @@ class CCSAM(ClassAware):
                 for w, x, n, radius in zip(weights, g, norms, radii, strict=True)
             ]
 
-        def head_at(*ws: Tensor) -> Tensor:
-            return functional_call(self.head, dict(zip(names, ws, strict=True)), (features,))
-
         for closure, labels in micro:
             if kept is not None:
                 features, labels, clean = kept
             else:
                 features, _, _ = self._head_forward(closure, labels)
                 clean = 0.0
-            perturbed = [w.unsqueeze(0) + x for w, x in zip(weights, e, strict=True)]  # (C, ...)
-            z = vmap(head_at)(*perturbed)[
-                labels, torch.arange(labels.shape[0], device=labels.device)
-            ]
+            z = self._perturbed_logits(features, labels, names, weights, e)
             loss = clean + self.beta * self.loss_fn(z, labels).sum() / size
             acc = self._backward(loss, params, into=acc)
         self._base_step(params, acc)
         return StepOutput(loss_sum / size, torch.cat(all_logits))
+
+    def _linear_head(self) -> bool:
+        """A plain nn.Linear head: its class gradients and perturbed logits have closed forms."""
+        return type(self.head) is nn.Linear
+
+    def _class_grads(
+        self,
+        features: Tensor,
+        labels: Tensor,
+        select: Tensor,
+        names: Sequence[str],
+        weights: Sequence[Tensor],
+    ) -> tuple[Tensor, ...]:
+        """For every class c at once, the gradient of sum_b select[c, b] l_b with respect to each
+        of the head's weights, stacked over the classes: (C, *weight.shape).
+
+        Through the head alone, re-applied to the features (so never through the model's graph,
+        which torch.compile may have built). For nn.Linear, z_b = W f_b + b gives it as
+        sum_b select[c, b] dl_b/dz_b f_b^T: two matrix products from the per-sample logit
+        gradients; any other head, by a batched backward."""
+        f = features.detach()
+        if not self._linear_head():
+            with torch.enable_grad():
+                head_losses = self.loss_fn(self.head(f), labels)
+            return torch.autograd.grad(
+                head_losses, weights, grad_outputs=select, is_grads_batched=True
+            )
+        with torch.enable_grad():
+            z = self.head(f).detach().requires_grad_()
+            (dz,) = torch.autograd.grad(self.loss_fn(z, labels).sum(), z)
+        weighted = select[:, :, None] * dz  # (C, B, K)
+        grads = {}
+        if "weight" in names:
+            grads["weight"] = weighted.transpose(1, 2) @ f.to(weighted.dtype)
+        if "bias" in names:
+            grads["bias"] = select.to(dz.dtype) @ dz
+        return tuple(grads[n] for n in names)
+
+    def _perturbed_logits(
+        self,
+        features: Tensor,
+        labels: Tensor,
+        names: Sequence[str],
+        weights: Sequence[Tensor],
+        e: Sequence[Tensor],
+    ) -> Tensor:
+        """z_b = head_{w + e_(y_b)}(f_b): every sample's logits under its own class's perturbed
+        head, differentiable in the weights and the features."""
+        rows = torch.arange(labels.shape[0], device=labels.device)
+        if self._linear_head():
+            # (W + E_y) f + (b + e_y) = head(f) + E_y f + e_y; E_c f for every class in one product
+            by = dict(zip(names, e, strict=True))
+            z = self.head(features)
+            if "weight" in by:
+                ew = by["weight"]
+                c, k, d = ew.shape
+                extra = features @ ew.reshape(c * k, d).to(features.dtype).T  # (B, C K)
+                z = z + extra.view(-1, c, k)[rows, labels]
+            if "bias" in by:
+                z = z + by["bias"][labels]
+            return z
+
+        def head_at(*ws: Tensor) -> Tensor:
+            return functional_call(self.head, dict(zip(names, ws, strict=True)), (features,))
+
+        perturbed = [w.unsqueeze(0) + x for w, x in zip(weights, e, strict=True)]  # (C, ...)
+        return vmap(head_at)(*perturbed)[labels, rows]
 
     def _step_full(self, batch: Batch) -> StepOutput:
         params = self._params()

@@ -120,10 +120,19 @@ def _global_norm(tensors: Sequence[Tensor]) -> Tensor:
     """The L2 norm over all tensors, in float32 at least, as a 0-d tensor (no host sync)."""
     if not tensors:
         return torch.zeros(())
-    dtype = torch.promote_types(tensors[0].dtype, torch.float32)
-    norms = torch._foreach_norm(tensors, 2, dtype=dtype)
-    device = norms[0].device
-    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+    if all(t.dtype in _WIDE for t in tensors):
+        norms = torch._foreach_norm(tensors, 2)  # no cast asked: no per-tensor copies
+    else:
+        norms = torch._foreach_norm(tensors, 2, dtype=torch.promote_types(tensors[0].dtype,
+                                                                           torch.float32))
+    try:
+        return torch.linalg.vector_norm(torch.stack(norms))
+    except RuntimeError:  # tensors on several devices (a model split over them)
+        device = norms[0].device
+        return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+
+
+_WIDE = (torch.float32, torch.float64)
 
 
 class SharpnessAware(torch.optim.Optimizer):
@@ -390,6 +399,17 @@ class SharpnessAware(torch.optim.Optimizer):
         computes the loss, calls backward and returns the loss (methods that need no labels); it
         may accumulate micro-batches itself, and under a GradScaler must scale its loss.
         """
+        return _hooked(self, SharpnessAware._step, closure, labels)
+
+    # torch.optim.Optimizer wraps step in a profiler scope and its hooks on every call (about 40 us
+    # on a CPU); _hooked runs the hooks and the scope only when a hook or a profiler is there
+    step.hooked = True  # type: ignore[attr-defined]
+
+    def _step(
+        self,
+        closure: Callable[[], Tensor] | Sequence[Callable[[], Tensor]],
+        labels: Tensor | Sequence[Tensor] | None,
+    ) -> Tensor | StepOutput:
         batch = self._batch(closure, labels)
         self._check_radii()
         if self._world() > 1 and self.model is None:
@@ -595,6 +615,8 @@ class SharpnessAware(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = batch.closures[0]()
             return [self._take_grads(params)], loss
+        if len(batch.closures) == 1:
+            return self._single_pass(params, batch, terms)
         grads: list[Grads] = []
         loss_sum: Tensor | float = 0.0
         all_logits = []
@@ -610,8 +632,26 @@ class SharpnessAware(torch.optim.Optimizer):
                 )
             loss_sum = loss_sum + losses.detach().sum()
             all_logits.append(logits.detach())
-        logits = all_logits[0] if len(all_logits) == 1 else torch.cat(all_logits)
-        return grads, StepOutput(loss_sum / batch.size, logits)
+        return grads, StepOutput(loss_sum / batch.size, torch.cat(all_logits))
+
+    def _single_pass(
+        self, params: list[Tensor], batch: Batch, terms: Terms | None
+    ) -> tuple[list[Grads], StepOutput]:
+        """`_pass` on one closure: the same values, with no accumulation over micro-batches (and
+        the mean loss taken from the backward's own sum when the only term is the loss)."""
+        logits, losses = self._forward(batch.closures[0], batch.labels[0])
+        with torch.enable_grad():
+            vectors = [losses] if terms is None else list(terms(logits, losses, batch.labels[0]))
+        grads: list[Grads] = []
+        mean = None
+        for k, v in enumerate(vectors):
+            total = v.sum() / batch.size
+            if v is losses:
+                mean = total.detach()
+            grads.append(self._backward(total, params, retain_graph=k < len(vectors) - 1))
+        if mean is None:
+            mean = losses.detach().sum() / batch.size
+        return grads, StepOutput(mean, logits.detach())
 
     @torch.no_grad()
     def _ascent(
@@ -622,8 +662,12 @@ class SharpnessAware(torch.optim.Optimizer):
         scale: Tensor | float | None = None,
         average: bool = True,
         store: str | None = None,
+        consume: bool = False,
     ) -> Grads:
         """The perturbation e = rho * unit(g) (or ASAM's adaptive one), rho = the group's `radius`.
+
+        `consume`: the caller hands `grads` over (it does not read them again), so e is built in
+        their storage instead of a copy.
 
         `store` (a radius key) keeps u = e / rho for reuse under ascent_every > 1; it enters the
         state only if the step is taken (`_base_step`).
@@ -640,7 +684,9 @@ class SharpnessAware(torch.optim.Optimizer):
             raise _no_gradient()
         if average and self.ascent_sync:
             self._average([grads[i] for i in present])
-        direction = torch._foreach_mul([grads[i] for i in present], 1.0)
+        direction = [grads[i] for i in present]
+        if not consume:
+            direction = torch._foreach_mul(direction, 1.0)
         modes = self._adaptive_modes()
         scaled = [] if modes is None else [k for k, i in enumerate(present) if modes[i]]
         if scaled:
@@ -652,14 +698,15 @@ class SharpnessAware(torch.optim.Optimizer):
             torch._foreach_mul_([direction[k] for k in scaled], t)
         else:
             norm = _global_norm(direction)
+        guarded = self.grad_scaler is not None or self.skip_nonfinite
+        finite = torch.isfinite(norm) if guarded else None
         if scale is None:
-            scale = 1.0 / (norm + EPS)
-        if self.grad_scaler is not None or self.skip_nonfinite:
-            finite = torch.isfinite(norm)
+            scale = norm.add_(EPS).reciprocal_()  # 1 / (||g|| + eps), in norm's storage
+        if finite is not None:
             self._overflow = ~finite if self._overflow is None else self._overflow | ~finite
             for d in direction:
                 torch.nan_to_num_(d, nan=0.0, posinf=0.0, neginf=0.0)
-            scale = torch.where(finite, scale, torch.zeros_like(norm))
+            scale = torch.where(finite, scale, torch.zeros_like(scale))
         for i, d in zip(present, direction, strict=True):
             e[i] = d
         if store is not None and self.ascent_every > 1:
@@ -667,6 +714,10 @@ class SharpnessAware(torch.optim.Optimizer):
             for i, u in zip(present, torch._foreach_mul(direction, scale), strict=True):
                 units[i] = u
             self._pending[store] = units
+        if len(self.param_groups) == 1:
+            group = self.param_groups[0]
+            torch._foreach_mul_(direction, scale if radius is None else scale * group[radius])
+            return e
         start = 0
         for group in self.param_groups:
             members = [i for i in range(start, start + _n_trainable(group)) if e[i] is not None]
@@ -775,14 +826,18 @@ class SharpnessAware(torch.optim.Optimizer):
         """Sum the gradient parts into p.grad, average it over processes, and take exactly one
         base step at w, unless the gradient (or an ascent) is not finite under a GradScaler or
         skip_nonfinite."""
-        for i, p in enumerate(params):
-            total = None
-            for part in parts:
-                g = part[i]
-                if g is None:
-                    continue
-                total = g if total is None else total.add_(g)
-            p.grad = total
+        if len(parts) == 1:
+            for p, g in zip(params, parts[0], strict=True):
+                p.grad = g
+        else:
+            for i, p in enumerate(params):
+                total = None
+                for part in parts:
+                    g = part[i]
+                    if g is None:
+                        continue
+                    total = g if total is None else total.add_(g)
+                p.grad = total
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             raise _no_gradient()
@@ -802,7 +857,11 @@ class SharpnessAware(torch.optim.Optimizer):
         elif self.skip_nonfinite and not bool(torch.isfinite(_global_norm(grads))):
             self.last_step_skipped = True
         else:
-            self.base.step()
+            step = getattr(type(self.base).step, "__wrapped__", None)
+            if step is None or "step" in vars(self.base):  # not torch's wrapper, or patched
+                self.base.step()
+            else:
+                _hooked(self.base, step)
         if self.last_step_skipped:
             for p in params:
                 p.grad = None
@@ -844,7 +903,9 @@ class SharpnessAware(torch.optim.Optimizer):
         parts = grads[: len(tables)]
         for (c, key), g in zip(perturbed, grads[len(tables) :], strict=True):
             parts.append(
-                self._perturbed_pass(params, batch, c, self._ascent(params, g, key, store=key))
+                self._perturbed_pass(
+                    params, batch, c, self._ascent(params, g, key, store=key, consume=True)
+                )
             )
         self._base_step(params, *parts)
         return out
@@ -1178,6 +1239,35 @@ class SharpnessAware(torch.optim.Optimizer):
             self._generator.set_state(state["generator"])
 
 
+def _hooked(optimizer: torch.optim.Optimizer, step: Callable[..., Any], *args: Any) -> Any:
+    """``step(optimizer, *args)`` as torch.optim.Optimizer's step wrapper runs it: its pre- and
+    post-hooks and its profiler scope, which are skipped (they would do nothing) when no hook is
+    registered and no profiler runs."""
+    if (
+        torch._C._autograd._profiler_enabled()
+        or optimizer._optimizer_step_pre_hooks
+        or optimizer._optimizer_step_post_hooks
+        or _GLOBAL_STEP_HOOKS is None
+        or any(_GLOBAL_STEP_HOOKS)
+    ):
+        return torch.optim.Optimizer.profile_hook_step(step)(optimizer, *args)
+    out = step(optimizer, *args)
+    optimizer._optimizer_step_code()
+    return out
+
+
+def _global_step_hooks() -> tuple[dict, dict] | None:
+    """torch's registries of global optimizer step hooks (None if this torch has moved them)."""
+    from torch.optim import optimizer as torch_optimizer
+
+    hooks = (getattr(torch_optimizer, "_global_optimizer_pre_hooks", None),
+             getattr(torch_optimizer, "_global_optimizer_post_hooks", None))
+    return None if any(h is None for h in hooks) else hooks
+
+
+_GLOBAL_STEP_HOOKS = _global_step_hooks()
+
+
 def _weighted(c: Tensor | None, y: Tensor, losses: Tensor) -> Tensor:
     """The per-sample term c[y_b] l_b (c None: l_b)."""
     return losses if c is None else c[y] * losses
@@ -1281,9 +1371,11 @@ class ClassAware(SharpnessAware):
             )
         return logits, losses
 
-    def _table(self, name: str, values: Tensor, like: Tensor) -> Tensor:
-        """A per-class table moved once to the device and dtype of `like`, cached."""
+    def _table(self, name: str, values: Tensor | Callable[[], Tensor], like: Tensor) -> Tensor:
+        """A per-class table moved once to the device and dtype of `like`, cached; `values` may be
+        a function computing it (from other tables), called only the first time."""
         key = (name, like.device, like.dtype)
         if key not in self._tables:
-            self._tables[key] = values.to(device=like.device, dtype=like.dtype)
+            table = values() if callable(values) else values
+            self._tables[key] = table.to(device=like.device, dtype=like.dtype)
         return self._tables[key]

@@ -57,5 +57,8 @@ class FocalSAM(ClassAware):
         self.focal = self.lam * (1 - prior) ** self.gamma
 
     def _update(self, batch: Batch) -> StepOutput:
-        c = self._table("focal", self.focal, self._params()[0])
-        return self._unified(batch, clean=1 - c, perturbed=[(c, "rho")])
+        like = self._params()[0]
+        c = self._table("focal", self.focal, like)
+        return self._unified(
+            batch, clean=self._table("1-focal", lambda: 1 - c, like), perturbed=[(c, "rho")]
+        )

@@ -10,7 +10,10 @@ radius of step t, tied to the learning rate lr_t of that step's base step:
     d = g_p - alpha g_perp;  restore w; base step with d.                          (2F 2B)
 
 d descends L_p and, orthogonally to g_p, decreases the gap. Whole-vector inner products, as in the
-paper and both codes. The eps in the projection is the authors' code's (gsam.py, perturb_eps).
+paper and both codes. The eps in the projection has the authors' code's value (gsam.py,
+perturb_eps, 1e-12) but not its place: their code writes the coefficient as
+c ||g|| / (||g_p|| + eps) with c = <g, g_p> / (||g|| ||g_p|| + eps); the two differ only when
+||g_p|| is near eps.
 """
 
 from __future__ import annotations

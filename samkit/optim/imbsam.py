@@ -70,11 +70,15 @@ class ImbSAM(ClassAware):
         self.tail = (self.class_counts < self.eta).double()
 
     def _update(self, batch: Batch) -> StepOutput:
-        tail = self._table("tail", self.tail, self._params()[0])
-        head = 1 - tail
+        like = self._params()[0]
+        tail = self._table("tail", self.tail, like)
+        head = self._table("head", lambda: 1 - tail, like)
         if self.average == "group":
             head, tail = self._group_means(batch, head, tail)
-        return self._unified(batch, clean=head, perturbed=[(self.kappa * tail, "rho")])
+            tail = self.kappa * tail
+        elif self.kappa != 1.0:
+            tail = self._table(f"{self.kappa} tail", lambda: self.kappa * tail, like)
+        return self._unified(batch, clean=head, perturbed=[(tail, "rho")])
 
     def _group_means(self, batch: Batch, *groups: Tensor) -> list[Tensor]:
         """Rescale each group's per-class coefficients (0/1 tables) from 1/B to 1/n_group, n_group

@@ -90,8 +90,9 @@ class SSESAM(ClassAware):
         self.epoch = int(state.get("epoch", 0))
 
     def _update(self, batch: Batch) -> StepOutput:
-        tail = self._table("tail", self.tail, self._params()[0])
-        head = 1 - tail
+        like = self._params()[0]
+        tail = self._table("tail", self.tail, like)
+        head = self._table("head", lambda: 1 - tail, like)
         if self.stage == 1:
             return self._unified(
                 batch, clean=None, perturbed=[(head, "rho_head"), (tail, "rho_tail")]

@@ -152,8 +152,14 @@ def claims_markdown(compares: dict[str, list[Row]], claims: list[Claim]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    usage = ("usage: python -m samkit.report.claims CLAIMS.yaml\n\nPrint the claims table (markdown) "
+             "of CLAIMS.yaml, measured on its compares' finished runs (run from the folder "
+             "their recipes' out paths are relative to).")
+    if args in (["-h"], ["--help"]):
+        print(usage)
+        return 0
     if len(args) != 1:
-        print("usage: python -m samkit.report.claims CLAIMS.yaml", file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
     recipes, claims = read_claims(args[0])
     rows = {name: final_rows(recipe) for name, recipe in recipes.items()}
