@@ -62,6 +62,11 @@ def test_overrides_are_typed_and_nested() -> None:
     (["data.ratio=0.5"], r"data.ratio must be >= 1; got 0.5"),
     (["schedule.lr=linear"], r"schedule.lr must be cosine, step or constant; got 'linear'"),
     (["optim.rho_schedule=[[1.5, 0.2]]"], r"optim.rho_schedule\[0\] must be"),
+    (["optim.method=bsam", "optim.rho_schedule=[[0.5, 0.1]]"],
+     r"optim.rho_schedule sets each param group's 'rho', which bsam does not read \(its radii "
+     r"are rho_max, rho_min\)"),
+    (["optim.method=ssesam", "optim.rho_schedule=[[0.5, 0.1]]"], r"its radii are rho_head"),
+    (["optim.method=plain", "optim.rho_schedule=[[0.5, 0.1]]"], r"plain does not read \(it has no"),
     (["optim.lr"], r"override 'optim.lr' is not key=value"),
 ])
 def test_bad_recipes_name_the_key(overrides: list[str], match: str) -> None:

@@ -362,6 +362,18 @@ def validate(config: Config) -> None:
     for i, item in enumerate(o.rho_schedule):
         need(len(item) == 2 and 0 <= item[0] <= 1 and item[1] >= 0, f"optim.rho_schedule[{i}]",
              item, "[fraction in [0, 1], rho >= 0]")
+    if o.rho_schedule:
+        from samkit.optim import get
+
+        try:
+            keys = get(o.method).radius_keys
+        except ValueError:
+            keys = ("rho",)  # an unknown method is refused where the optimizer is built
+        if "rho" not in keys:
+            has = f"its radii are {', '.join(keys)}" if keys else "it has no radius"
+            raise ConfigError(
+                f"optim.rho_schedule sets each param group's 'rho', which {o.method} does not "
+                f"read ({has}): drop optim.rho_schedule, or set the radii in optim.kwargs")
     need(s.epochs >= 1, "schedule.epochs", s.epochs, ">= 1")
     if config.loss.name.lower() == "ldam-drw":
         from samkit.losses import LDAM_DRW_EPOCH
