@@ -16,11 +16,12 @@ the method's passes: the passes the method cannot avoid, plus the one update eve
 tF, tB and tU are timed apart in the same rounds as the methods (a tight loop of them alone runs
 faster, with warmer caches). `pytorch_optimizer`'s SAM, GSAM, LookSAM and FriendlySAM (if
 installed) are timed in the same rounds, and a minimal SAM written out in this script (no checks,
-no options) shows what the ascent itself costs. Methods are interleaved round by round, so slow
-drifts of the machine hit all alike. K-SAM's passes on its k = B/4 samples are timed at batch k
-(its ranking forward, without a gradient, counts as a whole one). LookSAM's cost varies by step (a
-SAM step every k): its column is the mean, not the median, over the rounds, which should then be
-a multiple of k.
+no options) shows what the ascent itself costs. Methods are interleaved round by round, in a new
+random order each round, so slow drifts of the machine hit all alike and no method always runs
+right after the same other one. K-SAM's passes on its k = B/4 samples are timed at batch k (its
+ranking forward, without a gradient, counts as a whole one). LookSAM's cost varies by step (a SAM
+step every k): its column is the mean, not the median, over the rounds, which should then be a
+multiple of k.
 
 Cost options (spec/ALGORITHMS-EFFICIENT.md, generic options A and B): each ``--options k=v,...``
 adds a row ``method[k=v,...]`` for every method in --methods that takes them (plain always runs
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -294,9 +296,12 @@ def bench(model_name: str, mode: str, args: argparse.Namespace) -> None:
             passes[name] = REFERENCE_PASSES[name]
 
     times: dict[str, list[float]] = {name: [] for name in steps}
+    order = list(steps.items())
+    shuffle = random.Random(0).shuffle
     for i in range(args.warmup + args.reps):
         probe(i >= args.warmup)
-        for name, step in steps.items():
+        shuffle(order)  # no method always runs right after the same other one
+        for name, step in order:
             with autocast:
                 t = timed(step, device)
             if i >= args.warmup:
