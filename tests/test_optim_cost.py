@@ -485,3 +485,23 @@ def test_step_time_counts_the_passes_the_options_take() -> None:
         2.0,
         2.5,
     )
+
+
+def test_compiled_ascent_times_sams_perturbation(monkeypatch) -> None:
+    """`benchmarks/compiled_ascent.py` times SAM's arithmetic: w + rho g / ||g||, then w again."""
+    import importlib
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    bench = importlib.import_module("compiled_ascent")
+    torch.manual_seed(0)
+    params = [torch.randn(5, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)]
+    grads = [torch.randn_like(p) for p in params]
+    w = [p.clone() for p in params]
+    backup = [torch.empty_like(p) for p in params]
+    bench.perturb(params, grads, backup)
+    norm = torch.cat([g.flatten() for g in grads]).norm()
+    for p, p0, g in zip(params, w, grads, strict=True):
+        torch.testing.assert_close(p, p0 + bench.RHO * g / norm, rtol=1e-12, atol=1e-12)
+    bench.restore(params, backup)
+    assert all(torch.equal(p, p0) for p, p0 in zip(params, w, strict=True))
