@@ -19,7 +19,7 @@ import statistics
 import time
 
 import torch
-from step_time import build
+from step_time import build, timed
 
 RHO = 0.05
 EPS = 1e-12
@@ -41,15 +41,13 @@ def block(fns: tuple, params: list, grads: list, backup: list, calls: int,
           device: torch.device) -> float:
     """Seconds per perturb-and-restore, over `calls` calls."""
     do, undo = fns
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        do(params, grads, backup)
-        undo(params, backup)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls
+
+    def calls_of_both() -> None:
+        for _ in range(calls):
+            do(params, grads, backup)
+            undo(params, backup)
+
+    return timed(calls_of_both, device) / calls
 
 
 def main() -> None:

@@ -47,14 +47,18 @@ def start(argv: list[str]) -> tuple[int, Any]:
     return pid, os.fdopen(read)
 
 
+def saved_epoch(run: Path) -> int:
+    """The epoch the run's checkpoint holds (0 without one); the checkpoint must load."""
+    if not (run / "checkpoint.pt").exists():
+        return 0
+    return load_checkpoint(run / "checkpoint.pt", keys=("model", "progress"))["progress"]["epoch"]
+
+
 def check_consistent(run: Path) -> None:
     """What a kill may leave: a loadable checkpoint (or none) and each of its epochs logged once."""
     epochs = [m["epoch"] for m in read_jsonl(run / "metrics.jsonl")]
     assert epochs == list(range(1, len(epochs) + 1)), epochs
-    saved = 0
-    if (run / "checkpoint.pt").exists():
-        saved = load_checkpoint(run / "checkpoint.pt", keys=("model", "progress"))["progress"][
-            "epoch"]
+    saved = saved_epoch(run)
     # the checkpoint's epochs, and at most the one whose checkpoint was being written
     assert saved <= len(epochs) <= saved + 1, (epochs, saved)
 
@@ -94,13 +98,10 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_weights(
     run = tmp_path / "b/r"
     where = []
     for i in range(6):
-        # first three kills inside a write the child is sure to reach (each epoch left writes a
-        # checkpoint, and a kill in the last one leaves that epoch to do); timed kills afterwards,
-        # when a fast machine may let the child finish first
-        saved = 0
-        if (run / "checkpoint.pt").exists():
-            saved = load_checkpoint(run / "checkpoint.pt", keys=("progress",))["progress"]["epoch"]
-        writes = rng.randint(1, max(1, min(3, EPOCHS - saved))) if i < 3 or i == 4 else None
+        # kills 1-3 and 5 inside a write the child is sure to reach (each epoch left writes a
+        # checkpoint); the timed kills come after the first three, as a fast child may finish first
+        left = EPOCHS - saved_epoch(run)
+        writes = rng.randint(1, max(1, min(3, left))) if i in (0, 1, 2, 4) else None
         pid, stderr = start(args(tmp_path / "b", tiny_fmnist))
         where.append(kill_when(pid, stderr, writes, rng.uniform(0.2, 1.5)))
         if run.exists():
