@@ -445,6 +445,86 @@ def test_bisam_bound_lies_below_the_zero_one_loss() -> None:
     torch.testing.assert_close(q, torch.full((3,), float(torch.log(torch.tensor(4.0))) / 2))
 
 
+# ---- the default loss, reduced inside cross_entropy ----------------------------------------------
+
+
+def per_sample_ce(logits, labels):
+    """The default loss written out: not the default object, so a step takes the general path."""
+    return torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+
+
+FUSED_CASES = {
+    "sam": {},
+    "imbsam": {},
+    "focalsam": {},
+    "ssesam": {},
+    "bisam": {},
+    "crsam": {},
+    "gsam": {},
+    "fsam": {},
+    "ksam": {},
+    "imbsam every 2": {"ascent_every": 2},
+    "focalsam subset": {"ascent_subset": 8, "ascent_subset_mode": "topk"},
+}
+
+
+@pytest.mark.parametrize("case", sorted(FUSED_CASES))
+def test_fused_default_loss_equals_the_per_sample_form(case: str, monkeypatch) -> None:
+    """With the default loss a single-term pass lets cross_entropy reduce (weighted by the class
+    table where there is one): the steps, the returned loss and logits equal those of the same
+    loss given as a per-sample function, and the fused runs evaluate fewer per-sample losses."""
+    name = case.split()[0]
+    reductions: list[str] = []
+    cross_entropy = torch.nn.functional.cross_entropy
+
+    def spy(*args, reduction="mean", **kwargs):
+        reductions.append(reduction)
+        return cross_entropy(*args, reduction=reduction, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", spy)
+    model = make_model("conv")
+    twin = clone(model)
+    fused = make(name, model, **FUSED_CASES[case])
+    general = make(name, twin, loss_fn=per_sample_ce, **FUSED_CASES[case])
+    counts = []
+    for opt, net in ((fused, model), (general, twin)):
+        reductions.clear()
+        outs = []
+        for epoch, (x, y) in enumerate(batches("conv", 4)):
+            opt.set_epoch(3 * epoch)  # SSE-SAM crosses its switch (epoch 5 of 10)
+            outs.append(opt.step(lambda index=None, x=x, net=net: net(x if index is None
+                                                                     else x[index]), y))
+        counts.append(reductions.count("none"))
+        if opt is fused:
+            fused_outs = outs
+    for a, b in zip(fused_outs, outs, strict=True):
+        torch.testing.assert_close(a.loss, b.loss, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(a.logits, b.logits, rtol=1e-10, atol=1e-12)
+    assert_same_model(model, twin, atol=1e-12, rtol=1e-10)
+    assert counts[0] < counts[1]
+    if name == "sam":
+        assert counts[0] == 0
+
+
+@pytest.mark.parametrize("autocast", [True, False], ids=["autocast-bf16", "bf16-weights"])
+def test_fused_weighted_loss_in_low_precision(autocast: bool) -> None:
+    """Class weights enter cross_entropy in float32 under autocast; with bfloat16 logits outside
+    autocast (which cross_entropy cannot weight) the per-sample form is used: both as the general
+    path computes them."""
+    model = make_model("mlp", dtype=torch.float32 if autocast else torch.bfloat16)
+    twin = clone(model)
+    fused = make("focalsam", model)
+    general = make("focalsam", twin, loss_fn=per_sample_ce)
+    dtype = torch.float32 if autocast else torch.bfloat16
+    for x, y in batches("mlp", 3, dtype=dtype):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            a = fused.step(lambda x=x: model(x), y)
+            b = general.step(lambda x=x: twin(x), y)
+        torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-5)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4)
+
+
 # ---- no host syncs -------------------------------------------------------------------------------
 
 

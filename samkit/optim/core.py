@@ -518,7 +518,7 @@ class SharpnessAware(torch.optim.Optimizer):
         num_classes = getattr(self, "num_classes", None)
         check = self.check_labels if self.check_labels is not None else labels.device.type == "cpu"
         if check and labels.numel():
-            low, high = int(labels.min()), int(labels.max())
+            low, high = (int(v) for v in torch.aminmax(labels))
             if low < 0 or (num_classes is not None and high >= num_classes):
                 where = (
                     f"[0, {num_classes}) (class_counts has {num_classes} classes)"
@@ -536,24 +536,29 @@ class SharpnessAware(torch.optim.Optimizer):
                 )
         return labels
 
+    def _logits(self, closure: Callable[[], Tensor], labels: Tensor) -> Tensor:
+        """Run a labelled closure and check that it returned logits (B, C) for these labels."""
+        logits = closure()
+        if not isinstance(logits, Tensor) or logits.dim() != 2:
+            got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise TypeError(
+                "the closure of a labelled step must return the model's logits, a tensor "
+                f"(B, C), not a loss (samkit applies loss_fn itself); got {got}"
+            )
+        if logits.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"the closure returned {logits.shape[0]} rows of logits for "
+                f"{labels.shape[0]} labels"
+            )
+        return logits
+
     def _forward(
         self, closure: Callable[[], Tensor], labels: Tensor, grad: bool = True
     ) -> tuple[Tensor, Tensor]:
         """Re-evaluate the model at the current weights: (logits, per-sample losses); `grad`
         False records no graph."""
         with torch.set_grad_enabled(grad):
-            logits = closure()
-            if not isinstance(logits, Tensor) or logits.dim() != 2:
-                got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-                raise TypeError(
-                    "the closure of a labelled step must return the model's logits, a tensor "
-                    f"(B, C), not a loss (samkit applies loss_fn itself); got {got}"
-                )
-            if logits.shape[0] != labels.shape[0]:
-                raise ValueError(
-                    f"the closure returned {logits.shape[0]} rows of logits for "
-                    f"{labels.shape[0]} labels"
-                )
+            logits = self._logits(closure, labels)
             losses = self.loss_fn(logits, labels)
         if losses.shape != labels.shape:
             raise ValueError(
@@ -561,6 +566,14 @@ class SharpnessAware(torch.optim.Optimizer):
                 f"{tuple(labels.shape)}, got {tuple(losses.shape)}"
             )
         return logits, losses
+
+    def _summed_loss(self, closure: Callable[[], Tensor], labels: Tensor) -> Tensor:
+        """sum_b l_b over the closure's samples (reduced inside cross_entropy for the default
+        loss, see _fused_cross_entropy)."""
+        with torch.enable_grad():
+            if self.loss_fn is per_sample_cross_entropy:
+                return F.cross_entropy(self._logits(closure, labels), labels, reduction="sum")
+            return self._forward(closure, labels)[1].sum()
 
     def _backward(
         self,
@@ -588,12 +601,18 @@ class SharpnessAware(torch.optim.Optimizer):
         return grads
 
     def _pass(
-        self, params: list[Tensor], batch: Batch, terms: Terms | None = None
-    ) -> tuple[list[Grads], Tensor | StepOutput]:
+        self,
+        params: list[Tensor],
+        batch: Batch,
+        terms: Terms | None = None,
+        weight: Tensor | None = None,
+        output: bool = True,
+    ) -> tuple[list[Grads], Tensor | StepOutput | None]:
         """Forward every micro-batch at the current weights and backpropagate each term,
         (1/B) sum_b t_k[b], accumulating over micro-batches: (one gradient per term, the pass's
         output: StepOutput(mean loss, logits), or a torch-style closure's loss). `terms` defaults
-        to the per-sample losses (the plain mean loss)."""
+        to the one term weight[y_b] l_b (the plain loss when `weight` is None). `output` False:
+        the caller does not read the output, which may then be None."""
         if batch.labels is None:
             # A gradient already in p.grad when step(closure) is called (accumulated before the
             # step, as torch.optim.SGD allows) is the gradient at w of samples the closure does not
@@ -616,14 +635,16 @@ class SharpnessAware(torch.optim.Optimizer):
                 loss = batch.closures[0]()
             return [self._take_grads(params)], loss
         if len(batch.closures) == 1:
-            return self._single_pass(params, batch, terms)
+            return self._single_pass(params, batch, terms, weight, output)
+        if terms is None:
+            terms = _weighted_term(weight)
         grads: list[Grads] = []
         loss_sum: Tensor | float = 0.0
         all_logits = []
         for closure, labels in zip(batch.closures, batch.labels, strict=True):
             logits, losses = self._forward(closure, labels)
             with torch.enable_grad():
-                vectors = [losses] if terms is None else list(terms(logits, losses, labels))
+                vectors = list(terms(logits, losses, labels))
             grads += [[None] * len(params) for _ in range(len(vectors) - len(grads))]
             for k, v in enumerate(vectors):
                 last = k == len(vectors) - 1
@@ -635,13 +656,37 @@ class SharpnessAware(torch.optim.Optimizer):
         return grads, StepOutput(loss_sum / batch.size, torch.cat(all_logits))
 
     def _single_pass(
-        self, params: list[Tensor], batch: Batch, terms: Terms | None
-    ) -> tuple[list[Grads], StepOutput]:
+        self,
+        params: list[Tensor],
+        batch: Batch,
+        terms: Terms | None,
+        weight: Tensor | None,
+        output: bool,
+    ) -> tuple[list[Grads], StepOutput | None]:
         """`_pass` on one closure: the same values, with no accumulation over micro-batches (and
         the mean loss taken from the backward's own sum when the only term is the loss)."""
-        logits, losses = self._forward(batch.closures[0], batch.labels[0])
+        closure, labels = batch.closures[0], batch.labels[0]
+        if terms is None and self.loss_fn is per_sample_cross_entropy:
+            with torch.enable_grad():
+                logits = self._logits(closure, labels)
+                total = _fused_cross_entropy(logits, labels, weight)
+                losses = self.loss_fn(logits, labels) if total is None else None
+            if total is not None:
+                grads = self._backward(total, params)
+                if not output:
+                    return [grads], None
+                if weight is None:
+                    mean = total.detach()
+                else:
+                    with torch.no_grad():
+                        mean = F.cross_entropy(logits, labels)
+                return [grads], StepOutput(mean, logits.detach())
+        else:
+            logits, losses = self._forward(closure, labels)
+        if terms is None:
+            terms = _weighted_term(weight)
         with torch.enable_grad():
-            vectors = [losses] if terms is None else list(terms(logits, losses, batch.labels[0]))
+            vectors = list(terms(logits, losses, labels))
         grads: list[Grads] = []
         mean = None
         for k, v in enumerate(vectors):
@@ -658,7 +703,7 @@ class SharpnessAware(torch.optim.Optimizer):
         self,
         params: list[Tensor],
         grads: Grads,
-        radius: str | None = "rho",
+        radius: str | Sequence[float] | None = "rho",
         scale: Tensor | float | None = None,
         average: bool = True,
         store: str | None = None,
@@ -673,10 +718,10 @@ class SharpnessAware(torch.optim.Optimizer):
         state only if the step is taken (`_base_step`).
 
         `scale` replaces 1 / (||g|| + eps) when a method computes its own normalisation; a `radius`
-        of None scales every group by 1. Under torch.distributed with ascent_sync, g is first
-        averaged over processes (in place) unless `average` is False (already averaged). A
-        non-finite g (a GradScaler overflow, say) gives e = 0 and marks the step for skipping
-        when a GradScaler or skip_nonfinite is in use.
+        of None scales every group by 1, a sequence of numbers gives each group's radius. Under
+        torch.distributed with ascent_sync, g is first averaged over processes (in place) unless
+        `average` is False (already averaged). A non-finite g (a GradScaler overflow, say) gives
+        e = 0 and marks the step for skipping when a GradScaler or skip_nonfinite is in use.
         """
         e: Grads = [None] * len(params)
         present = [i for i, g in enumerate(grads) if g is not None]
@@ -714,17 +759,22 @@ class SharpnessAware(torch.optim.Optimizer):
             for i, u in zip(present, torch._foreach_mul(direction, scale), strict=True):
                 units[i] = u
             self._pending[store] = units
+        radii = (
+            [1.0] * len(self.param_groups)
+            if radius is None
+            else [g[radius] for g in self.param_groups]
+            if isinstance(radius, str)
+            else radius
+        )
         if len(self.param_groups) == 1:
-            group = self.param_groups[0]
-            torch._foreach_mul_(direction, scale if radius is None else scale * group[radius])
+            torch._foreach_mul_(direction, scale * radii[0])
             return e
         start = 0
-        for group in self.param_groups:
+        for group, r in zip(self.param_groups, radii, strict=True):
             members = [i for i in range(start, start + _n_trainable(group)) if e[i] is not None]
             start += _n_trainable(group)
             if members:
-                factor = scale if radius is None else scale * group[radius]
-                torch._foreach_mul_([e[i] for i in members], factor)
+                torch._foreach_mul_([e[i] for i in members], scale * r)
         return e
 
     def _adaptive_modes(self) -> list[bool] | None:
@@ -826,6 +876,10 @@ class SharpnessAware(torch.optim.Optimizer):
         """Sum the gradient parts into p.grad, average it over processes, and take exactly one
         base step at w, unless the gradient (or an ascent) is not finite under a GradScaler or
         skip_nonfinite."""
+        if len(parts) > 1 and all(g is not None for part in parts for g in part):
+            for part in parts[1:]:  # every parameter has every part: one add per part
+                torch._foreach_add_(parts[0], part)
+            parts = parts[:1]
         if len(parts) == 1:
             for p, g in zip(params, parts[0], strict=True):
                 p.grad = g
@@ -899,7 +953,10 @@ class SharpnessAware(torch.optim.Optimizer):
                 return first + list(ascent(z, losses, y))
             return first + [_weighted(c, y, losses) for c, _ in perturbed]
 
-        grads, out = self._pass(params, batch, terms)
+        if tables or ascent is not None or len(perturbed) > 1:
+            grads, out = self._pass(params, batch, terms)
+        else:  # the one term c[y_b] l_b
+            grads, out = self._pass(params, batch, weight=perturbed[0][0])
         parts = grads[: len(tables)]
         for (c, key), g in zip(perturbed, grads[len(tables) :], strict=True):
             parts.append(
@@ -916,9 +973,7 @@ class SharpnessAware(torch.optim.Optimizer):
         """grad (1/B) sum_b c[y_b] l_b(w + e); `only`: this is the step's only pass over the whole
         batch, so it updates the normalization statistics whatever norm_stats says."""
         with self._perturbed(params, e, freeze=False if only else None):
-            (g,), self._last_out = self._pass(
-                params, batch, lambda z, losses, y: [_weighted(c, y, losses)]
-            )
+            (g,), self._last_out = self._pass(params, batch, weight=c, output=only)
         return g
 
     # ----------------------------------------------------------------------------------------------
@@ -1047,9 +1102,7 @@ class SharpnessAware(torch.optim.Optimizer):
             return out
         parts, out = [], None
         if clean is not None and bool((clean != 0).any()):
-            (g_c,), out = self._pass(
-                params, batch, lambda z, losses, y: [_weighted(clean, y, losses)]
-            )
+            (g_c,), out = self._pass(params, batch, weight=clean)
             parts.append(g_c)
         for c, key in perturbed:
             parts.append(
@@ -1273,6 +1326,24 @@ def _weighted(c: Tensor | None, y: Tensor, losses: Tensor) -> Tensor:
     return losses if c is None else c[y] * losses
 
 
+def _weighted_term(c: Tensor | None) -> Terms:
+    """The terms of a pass with the one term c[y_b] l_b."""
+    return lambda z, losses, y: [_weighted(c, y, losses)]
+
+
+def _fused_cross_entropy(logits: Tensor, labels: Tensor, weight: Tensor | None) -> Tensor | None:
+    """(1/B) sum_b c[y_b] CE_b (c = weight, or 1) reduced inside cross_entropy: one operation and
+    one autograd node where the per-sample form takes three (on a 1 ms step, a few percent). None
+    where cross_entropy cannot take the class weights (low-precision logits outside autocast)."""
+    if weight is None:
+        return F.cross_entropy(logits, labels)
+    if logits.dtype in _WIDE or torch.is_autocast_enabled(logits.device.type):
+        # 1/B folded into the class weights, in cross_entropy's precision (float32 at least)
+        c = weight.to(torch.promote_types(logits.dtype, torch.float32)) / labels.shape[0]
+        return F.cross_entropy(logits, labels, weight=c, reduction="sum")
+    return None
+
+
 def takes_index(closure: Callable[..., Tensor]) -> bool:
     """Whether a closure accepts the sample indices as ``index`` (forwards only those samples)."""
     try:
@@ -1360,16 +1431,14 @@ class ClassAware(SharpnessAware):
     def num_classes(self) -> int:
         return self.class_counts.numel()
 
-    def _forward(
-        self, closure: Callable[[], Tensor], labels: Tensor, grad: bool = True
-    ) -> tuple[Tensor, Tensor]:
-        logits, losses = super()._forward(closure, labels, grad)
-        if logits.dim() != 2 or logits.shape[1] != self.num_classes:
+    def _logits(self, closure: Callable[[], Tensor], labels: Tensor) -> Tensor:
+        logits = super()._logits(closure, labels)
+        if logits.shape[1] != self.num_classes:
             raise ValueError(
                 f"class_counts has {self.num_classes} classes but the model returned logits of "
                 f"shape {tuple(logits.shape)}: give one count per class, in class order"
             )
-        return logits, losses
+        return logits
 
     def _table(self, name: str, values: Tensor | Callable[[], Tensor], like: Tensor) -> Tensor:
         """A per-class table moved once to the device and dtype of `like`, cached; `values` may be

@@ -79,21 +79,32 @@ class FriendlySAM(SharpnessAware):
         idx = vec.present(g)
         if self.ascent_sync:
             self._average(vec.pick(g, idx))
-        d: list[Tensor | None] = [None] * len(params)
         with torch.no_grad():
-            gs = vec.pick(g, idx)
-            g_u = torch._foreach_mul(gs, self._inverse_scale(gs[0])) if gs else []
+            gs = vec.pick(g, idx)  # g is not read again: d is built in its storage
+            inverse = self._inverse_scale(gs[0]) if gs else 1.0
+            if not isinstance(inverse, float) or inverse != 1.0:
+                torch._foreach_mul_(gs, inverse)
             old = [self.state.get(params[i], {}).get(EMA) for i in idx]
-            new = []
-            for k, (gk, mk) in enumerate(zip(g_u, old, strict=True)):
-                if mk is None:
-                    m_new = gk.clone() if self.ema_order == "code" else (1 - self.lam) * gk
-                else:
-                    m_new = mk * self.lam + gk * (1 - self.lam)
-                new.append(m_new)
-                m_d = m_new if self.ema_order == "paper" else mk
-                d[idx[k]] = gk if m_d is None else gk - self.sigma * m_d
-        e = self._ascent(params, d, average=False, store="rho")
+            new: list[Tensor | None] = [None] * len(idx)
+            have = [k for k, m in enumerate(old) if m is not None]
+            if have:  # m = lam m + (1 - lam) g
+                moved = torch._foreach_mul([old[k] for k in have], self.lam)
+                torch._foreach_add_(moved, [gs[k] for k in have], alpha=1 - self.lam)
+                for k, m in zip(have, moved, strict=True):
+                    new[k] = m
+            for k, m in enumerate(old):
+                if m is None:  # the first step: m = g (the code) or (1 - lam) g (the paper)
+                    new[k] = gs[k].clone() if self.ema_order == "code" else (1 - self.lam) * gs[k]
+            removed = new if self.ema_order == "paper" else old
+            sub = [k for k, m in enumerate(removed) if m is not None]
+            if sub:  # d = g - sigma m
+                torch._foreach_add_(
+                    [gs[k] for k in sub], [removed[k] for k in sub], alpha=-self.sigma
+                )
+        d: list[Tensor | None] = [None] * len(params)
+        for i, t in zip(idx, gs, strict=True):
+            d[i] = t
+        e = self._ascent(params, d, average=False, store="rho", consume=True)
         with self._perturbed(params, e):
             (g_adv,), _ = self._pass(params, batch)
         self._base_step(params, g_adv)

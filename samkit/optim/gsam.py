@@ -99,12 +99,8 @@ class GSAM(SharpnessAware):
     def _update(self, batch: Batch) -> Tensor | StepOutput:
         params = self._params()
         (g,), out = self._pass(params, batch)
-        e = self._ascent(params, g, radius=None)  # unit(g), averaged over processes in place
-        with torch.no_grad():
-            for group, members in vec.group_members(self.param_groups):
-                scaled = [e[i] for i in members if e[i] is not None]
-                if scaled:
-                    torch._foreach_mul_(scaled, self.radius(group))
+        # rho_t unit(g), averaged over processes in place; g is read again below: e is a copy
+        e = self._ascent(params, g, radius=[self.radius(group) for group in self.param_groups])
         with self._perturbed(params, e):
             (g_p,), _ = self._pass(params, batch)
         idx = vec.present(g, g_p)
@@ -112,7 +108,7 @@ class GSAM(SharpnessAware):
         if self.ascent_sync:
             self._average(gps)  # decompose the global g_p; else each process its own (the code)
         with torch.no_grad():
-            coef = vec.dot(gs, gps) / (vec.dot(gps, gps) + EPS)
+            coef = vec.dot(gs, gps) / (vec.norm(gps).square() + EPS)
             # d = g_p - alpha (g - coef g_p) = (1 + alpha coef) g_p - alpha g, written into g_p
             torch._foreach_mul_(gps, (1.0 + self.alpha * coef).to(gps[0].dtype) if gps else 1.0)
             torch._foreach_add_(gps, gs, alpha=-self.alpha)

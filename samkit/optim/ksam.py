@@ -99,7 +99,9 @@ class KSAM(SharpnessAware):
     def _frozen_stats(self) -> Iterator[None]:
         """Restore the model's normalization running statistics after the body."""
         stats = _norm_buffers(self.model)
-        saved = [b.clone() for b in stats]
+        saved = self._scratch_like("ksam_stats", stats)
+        if stats:
+            torch._foreach_copy_(saved, stats)
         try:
             yield
         finally:
@@ -155,8 +157,13 @@ class KSAM(SharpnessAware):
                     # no sample of S here: a zero-weighted pass on one sample gives this
                     # process zero gradients of the shape the others average with
                     index, part = index.new_zeros(1), part.new_zeros(1)
-                _, losses = self._forward(lambda c=closure, i=index: c(index=i), labels[index])
-                grads = self._backward((losses * part[index]).sum() * weight, params, into=grads)
+                sub = lambda c=closure, i=index: c(index=i)  # noqa: E731
+                if one:  # every sample forwarded is in S
+                    total = self._summed_loss(sub, labels[index])
+                else:
+                    _, losses = self._forward(sub, labels[index])
+                    total = (losses * part[index]).sum()
+                grads = self._backward(total * weight, params, into=grads)
             else:
                 _, losses = self._forward(closure, labels)
                 grads = self._backward((losses * part).sum() * weight, params, into=grads)
@@ -176,7 +183,7 @@ class KSAM(SharpnessAware):
                 g = self._backward(total * weight, params)
             else:
                 g = self._subset_pass(params, batch, mask, chosen, weight)
-            with self._perturbed(params, self._ascent(params, g)):
+            with self._perturbed(params, self._ascent(params, g, consume=True)):
                 g_p = self._subset_pass(params, batch, mask, chosen, weight)
         self._base_step(params, g_p)
         full = torch.cat(logits) if len(logits) > 1 else logits[0]
