@@ -605,14 +605,14 @@ class SharpnessAware(torch.optim.Optimizer):
         params: list[Tensor],
         batch: Batch,
         terms: Terms | None = None,
-        weight: Tensor | None = None,
+        weights: Sequence[Tensor | None] = (None,),
         output: bool = True,
     ) -> tuple[list[Grads], Tensor | StepOutput | None]:
         """Forward every micro-batch at the current weights and backpropagate each term,
         (1/B) sum_b t_k[b], accumulating over micro-batches: (one gradient per term, the pass's
         output: StepOutput(mean loss, logits), or a torch-style closure's loss). `terms` defaults
-        to the one term weight[y_b] l_b (the plain loss when `weight` is None). `output` False:
-        the caller does not read the output, which may then be None."""
+        to one term c[y_b] l_b per class table c in `weights` (None: the plain loss). `output`
+        False: the caller does not read the output, which may then be None."""
         if batch.labels is None:
             # A gradient already in p.grad when step(closure) is called (accumulated before the
             # step, as torch.optim.SGD allows) is the gradient at w of samples the closure does not
@@ -635,9 +635,9 @@ class SharpnessAware(torch.optim.Optimizer):
                 loss = batch.closures[0]()
             return [self._take_grads(params)], loss
         if len(batch.closures) == 1:
-            return self._single_pass(params, batch, terms, weight, output)
+            return self._single_pass(params, batch, terms, weights, output)
         if terms is None:
-            terms = _weighted_term(weight)
+            terms = _weighted_terms(weights)
         grads: list[Grads] = []
         loss_sum: Tensor | float = 0.0
         all_logits = []
@@ -660,7 +660,7 @@ class SharpnessAware(torch.optim.Optimizer):
         params: list[Tensor],
         batch: Batch,
         terms: Terms | None,
-        weight: Tensor | None,
+        weights: Sequence[Tensor | None],
         output: bool,
     ) -> tuple[list[Grads], StepOutput | None]:
         """`_pass` on one closure: the same values, with no accumulation over micro-batches (and
@@ -669,22 +669,27 @@ class SharpnessAware(torch.optim.Optimizer):
         if terms is None and self.loss_fn is per_sample_cross_entropy:
             with torch.enable_grad():
                 logits = self._logits(closure, labels)
-                total = _fused_cross_entropy(logits, labels, weight)
-                losses = self.loss_fn(logits, labels) if total is None else None
-            if total is not None:
-                grads = self._backward(total, params)
+                totals = [_fused_cross_entropy(logits, labels, c) for c in weights]
+                fused = all(t is not None for t in totals)
+                losses = None if fused else self.loss_fn(logits, labels)
+            if fused:
+                last = len(totals) - 1
+                grads = [
+                    self._backward(t, params, retain_graph=k < last) for k, t in enumerate(totals)
+                ]
                 if not output:
-                    return [grads], None
-                if weight is None:
-                    mean = total.detach()
+                    return grads, None
+                plain = [t for t, c in zip(totals, weights, strict=True) if c is None]
+                if plain:
+                    mean = plain[0].detach()
                 else:
                     with torch.no_grad():
                         mean = F.cross_entropy(logits, labels)
-                return [grads], StepOutput(mean, logits.detach())
+                return grads, StepOutput(mean, logits.detach())
         else:
             logits, losses = self._forward(closure, labels)
         if terms is None:
-            terms = _weighted_term(weight)
+            terms = _weighted_terms(weights)
         with torch.enable_grad():
             vectors = list(terms(logits, losses, labels))
         grads: list[Grads] = []
@@ -946,17 +951,14 @@ class SharpnessAware(torch.optim.Optimizer):
         if self.ascent_subset is not None:
             return self._subset_step(params, batch, clean, perturbed, ascent)
         tables = [] if clean is None else [clean]
+        if ascent is None:  # class-weighted losses, from the tables
+            grads, out = self._pass(params, batch, weights=tables + [c for c, _ in perturbed])
+        else:
 
-        def terms(z: Tensor, losses: Tensor, y: Tensor) -> list[Tensor]:
-            first = [_weighted(t, y, losses) for t in tables]
-            if ascent is not None:
-                return first + list(ascent(z, losses, y))
-            return first + [_weighted(c, y, losses) for c, _ in perturbed]
+            def terms(z: Tensor, losses: Tensor, y: Tensor) -> list[Tensor]:
+                return [_weighted(t, y, losses) for t in tables] + list(ascent(z, losses, y))
 
-        if tables or ascent is not None or len(perturbed) > 1:
             grads, out = self._pass(params, batch, terms)
-        else:  # the one term c[y_b] l_b
-            grads, out = self._pass(params, batch, weight=perturbed[0][0])
         parts = grads[: len(tables)]
         for (c, key), g in zip(perturbed, grads[len(tables) :], strict=True):
             parts.append(
@@ -973,7 +975,7 @@ class SharpnessAware(torch.optim.Optimizer):
         """grad (1/B) sum_b c[y_b] l_b(w + e); `only`: this is the step's only pass over the whole
         batch, so it updates the normalization statistics whatever norm_stats says."""
         with self._perturbed(params, e, freeze=False if only else None):
-            (g,), self._last_out = self._pass(params, batch, weight=c, output=only)
+            (g,), self._last_out = self._pass(params, batch, weights=[c], output=only)
         return g
 
     # ----------------------------------------------------------------------------------------------
@@ -1102,7 +1104,7 @@ class SharpnessAware(torch.optim.Optimizer):
             return out
         parts, out = [], None
         if clean is not None and bool((clean != 0).any()):
-            (g_c,), out = self._pass(params, batch, weight=clean)
+            (g_c,), out = self._pass(params, batch, weights=[clean])
             parts.append(g_c)
         for c, key in perturbed:
             parts.append(
@@ -1326,9 +1328,9 @@ def _weighted(c: Tensor | None, y: Tensor, losses: Tensor) -> Tensor:
     return losses if c is None else c[y] * losses
 
 
-def _weighted_term(c: Tensor | None) -> Terms:
-    """The terms of a pass with the one term c[y_b] l_b."""
-    return lambda z, losses, y: [_weighted(c, y, losses)]
+def _weighted_terms(tables: Sequence[Tensor | None]) -> Terms:
+    """The terms c[y_b] l_b of a pass, one per class table c."""
+    return lambda z, losses, y: [_weighted(c, y, losses) for c in tables]
 
 
 def _fused_cross_entropy(logits: Tensor, labels: Tensor, weight: Tensor | None) -> Tensor | None:
