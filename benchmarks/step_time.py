@@ -16,12 +16,17 @@ the method's passes: the passes the method cannot avoid, plus the one update eve
 tF, tB and tU are timed apart in the same rounds as the methods (a tight loop of them alone runs
 faster, with warmer caches). `pytorch_optimizer`'s SAM, GSAM, LookSAM and FriendlySAM (if
 installed) are timed in the same rounds, and a minimal SAM written out in this script (no checks,
-no options) shows what the ascent itself costs. Methods are interleaved round by round, in a new
+no options) shows what the ascent itself costs, with w restored by subtracting e or, as samkit
+restores it, exactly, by copy. Methods are interleaved round by round, in a new
 random order each round, so slow drifts of the machine hit all alike and no method always runs
 right after the same other one. K-SAM's passes on its k = B/4 samples are timed at batch k (its
 ranking forward, without a gradient, counts as a whole one). LookSAM's cost varies by step (a SAM
 step every k): its column is the mean, not the median, over the rounds, which should then be a
 multiple of k.
+
+CPU memory: as the samkit command line does, the script first asks glibc's malloc to keep freed
+memory for reuse (samkit.train.allocator), so that no pass pays page faults for memory the step
+before returned to the system; --system-malloc leaves malloc as it is. The header says which.
 
 Cost options (spec/ALGORITHMS-EFFICIENT.md, generic options A and B): each ``--options k=v,...``
 adds a row ``method[k=v,...]`` for every method in --methods that takes them (plain always runs
@@ -45,6 +50,7 @@ from torch.nn import functional as F
 
 import samkit.optim as so
 from samkit.models import build_model
+from samkit.train.allocator import keep_freed_memory
 
 NUM_CLASSES = 10
 MLP_IN = 40  # mlp-bn: the small step of issue 15 (40-256-256-10 with BatchNorm, MNIST-1D's width)
@@ -178,7 +184,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--options", action="append", default=[],
                         help="cost options k=v,... timed as extra rows (repeatable; see above)")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc's malloc as it is (default: keep freed memory for "
+                             "reuse, as the samkit command line does)")
     args = parser.parse_args()
+    args.malloc = "system" if args.system_malloc or not keep_freed_memory() else "kept"
     try:
         args.option_sets = [parse_options(text) for text in args.options]
     except ValueError as err:
@@ -284,8 +294,10 @@ def bench(model_name: str, mode: str, args: argparse.Namespace) -> None:
                 if xs is x:
                     t_u.append(t3 - t2)
 
-    steps["minimal SAM"] = minimal_sam(model, net, x, y)
-    passes["minimal SAM"] = (2, 2)
+    for exact in (False, True):
+        label = "minimal SAM" + (", exact restore" if exact else "")
+        steps[label] = minimal_sam(model, net, x, y, exact)
+        passes[label] = (2, 2)
     try:
         import pytorch_optimizer  # noqa: F401
     except ImportError:
@@ -312,7 +324,7 @@ def bench(model_name: str, mode: str, args: argparse.Namespace) -> None:
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     print(f"\n# {model_name}, {mode}, batch {args.batch}, {device}{gpu}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
-          f"{', channels-last' if args.channels_last else ''}")
+          f"{', channels-last' if args.channels_last else ''}, malloc {args.malloc}")
     print(f"# forward {tf * 1e3:.2f} ms, backward {tb * 1e3:.2f} ms, update {tu * 1e3:.2f} ms, "
           f"plain step {base * 1e3:.2f} ms, "
           f"{args.reps} rounds, {present} classes in the batch")
@@ -344,13 +356,15 @@ REFERENCE_PASSES = {
 
 
 def minimal_sam(
-    model: torch.nn.Module, net: Callable, x: torch.Tensor, y: torch.Tensor
+    model: torch.nn.Module, net: Callable, x: torch.Tensor, y: torch.Tensor, exact: bool = False
 ) -> Callable[[], None]:
-    """The least a SAM step can do: two passes, e = rho g / ||g|| added and subtracted (no exact
-    restore, no checks, no options), one SGD update. Not a method to use: a yardstick for the
-    work beyond the passes that the ascent itself needs."""
+    """The least a SAM step can do: two passes, e = rho g / ||g|| added and subtracted (no checks,
+    no options), one SGD update. Not a method to use: a yardstick for the work beyond the passes
+    that the ascent itself needs. `exact`: w is saved before the ascent and restored by copy, as
+    samkit restores it (subtracting e does not give w back exactly), instead of subtracting e."""
     params = [p for p in model.parameters() if p.requires_grad]
     sgd = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+    saved = [torch.empty_like(p) for p in params]
 
     def step() -> None:
         F.cross_entropy(net(x), y).backward()
@@ -358,12 +372,17 @@ def minimal_sam(
         with torch.no_grad():
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(e)))
             torch._foreach_mul_(e, 0.05 / (norm + 1e-12))
+            if exact:
+                torch._foreach_copy_(saved, params)
             torch._foreach_add_(params, e)
         for p in params:
             p.grad = None
         F.cross_entropy(net(x), y).backward()
         with torch.no_grad():
-            torch._foreach_sub_(params, e)
+            if exact:
+                torch._foreach_copy_(params, saved)
+            else:
+                torch._foreach_sub_(params, e)
         sgd.step()
         for p in params:
             p.grad = None

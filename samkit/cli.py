@@ -351,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     SAMKIT_TRACEBACK=1 to see the traceback of an unexpected one)."""
     import os
 
+    from samkit.train.allocator import keep_freed_memory
+
+    keep_freed_memory()  # reuse freed CPU memory between steps (SAMKIT_SYSTEM_MALLOC=1: don't)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value after a flag (`recipe.yaml a=b --quiet c=d`) is still an override

@@ -505,3 +505,25 @@ def test_compiled_ascent_times_sams_perturbation(monkeypatch) -> None:
         torch.testing.assert_close(p, p0 + bench.RHO * g / norm, rtol=1e-12, atol=1e-12)
     bench.restore(params, backup)
     assert all(torch.equal(p, p0) for p, p0 in zip(params, w, strict=True))
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_minimal_sam_yardstick_takes_sams_step(exact: bool) -> None:
+    """The minimal SAM of `step_time.py` does SAM's work: its steps are samkit's SAM steps (rho
+    0.05, SGD lr 1e-4 momentum 0.9), whether it restores w by subtracting e or by copy."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
+    spec = importlib.util.spec_from_file_location("step_time", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = make_model("mlp")
+    twin = clone(model)
+    ((x, y),) = batches("mlp", 1)
+    step = bench.minimal_sam(model, model, x, y, exact)
+    opt = so.SAM(twin.parameters(), rho=0.05, lr=1e-4, momentum=0.9)
+    for _ in range(3):
+        step()
+        opt.step(lambda: twin(x), y)
+    assert_same_model(model, twin, atol=1e-12, rtol=1e-12)
