@@ -663,8 +663,8 @@ class SharpnessAware(torch.optim.Optimizer):
         weights: Sequence[Tensor | None],
         output: bool,
     ) -> tuple[list[Grads], StepOutput | None]:
-        """`_pass` on one closure: the same values, with no accumulation over micro-batches (and
-        the mean loss taken from the backward's own sum when the only term is the loss)."""
+        """`_pass` on one closure: the same values, with no accumulation over micro-batches; with
+        the default loss and class-table terms, each term reduced inside cross_entropy."""
         closure, labels = batch.closures[0], batch.labels[0]
         if terms is None and self.loss_fn is per_sample_cross_entropy:
             with torch.enable_grad():
