@@ -455,8 +455,8 @@ def test_harness_names_a_bad_option(tmp_path, tiny_fmnist) -> None:
 # ---- benchmarks/step_time.py --------------------------------------------------------------------
 
 
-def test_step_time_counts_the_passes_the_options_take() -> None:
-    """The floor of `step_time.py --options` uses the passes that test_passes_per_step measures."""
+def step_time_module():
+    """benchmarks/step_time.py, imported from its file."""
     import importlib.util
     from pathlib import Path
 
@@ -464,6 +464,12 @@ def test_step_time_counts_the_passes_the_options_take() -> None:
     spec = importlib.util.spec_from_file_location("step_time", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_step_time_counts_the_passes_the_options_take() -> None:
+    """The floor of `step_time.py --options` uses the passes that test_passes_per_step measures."""
+    bench = step_time_module()
     opts = bench.parse_options("ascent_every=4,ascent_subset=0.25,ascent_subset_mode=topk")
     assert opts == {"ascent_every": 4, "ascent_subset": 0.25, "ascent_subset_mode": "topk"}
     with pytest.raises(ValueError, match="is not key=value"):
@@ -511,13 +517,7 @@ def test_compiled_ascent_times_sams_perturbation(monkeypatch) -> None:
 def test_minimal_sam_yardstick_takes_sams_step(exact: bool) -> None:
     """The minimal SAM of `step_time.py` does SAM's work: its steps are samkit's SAM steps (rho
     0.05, SGD lr 1e-4 momentum 0.9), whether it restores w by subtracting e or by copy."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
-    spec = importlib.util.spec_from_file_location("step_time", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = step_time_module()
     model = make_model("mlp")
     twin = clone(model)
     ((x, y),) = batches("mlp", 1)
