@@ -24,9 +24,9 @@ ranking forward, without a gradient, counts as a whole one). LookSAM's cost vari
 step every k): its column is the mean, not the median, over the rounds, which should then be a
 multiple of k.
 
-CPU memory: as the samkit command line does, the script first asks glibc's malloc to keep freed
-memory for reuse (samkit.train.allocator), so that no pass pays page faults for memory the step
-before returned to the system; --system-malloc leaves malloc as it is. The header says which.
+CPU memory: --keep-freed-memory first asks glibc's malloc to keep freed memory for reuse
+(samkit.train.allocator), so that no pass pays page faults for memory the step before returned to
+the system. The header says which allocator behaviour was timed.
 
 Cost options (spec/ALGORITHMS-EFFICIENT.md, generic options A and B): each ``--options k=v,...``
 adds a row ``method[k=v,...]`` for every method in --methods that takes them (plain always runs
@@ -184,11 +184,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--options", action="append", default=[],
                         help="cost options k=v,... timed as extra rows (repeatable; see above)")
-    parser.add_argument("--system-malloc", action="store_true",
-                        help="leave glibc's malloc as it is (default: keep freed memory for "
-                             "reuse, as the samkit command line does)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="ask glibc's malloc to keep freed memory for reuse "
+                             "(samkit.train.allocator)")
     args = parser.parse_args()
-    args.malloc = "system" if args.system_malloc or not keep_freed_memory() else "kept"
+    args.malloc = "kept" if args.keep_freed_memory and keep_freed_memory() else "system"
     try:
         args.option_sets = [parse_options(text) for text in args.options]
     except ValueError as err:

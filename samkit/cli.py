@@ -351,9 +351,10 @@ def main(argv: list[str] | None = None) -> int:
     SAMKIT_TRACEBACK=1 to see the traceback of an unexpected one)."""
     import os
 
-    from samkit.train.allocator import keep_freed_memory
+    from samkit.train import allocator
 
-    keep_freed_memory()  # reuse freed CPU memory between steps (SAMKIT_SYSTEM_MALLOC=1: don't)
+    if os.environ.get(allocator.OPT_IN) == "1":  # reuse freed CPU memory between steps
+        allocator.keep_freed_memory()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value after a flag (`recipe.yaml a=b --quiet c=d`) is still an override

@@ -1,4 +1,4 @@
-"""samkit.train.allocator: glibc keeps freed CPU memory for reuse; the CLI asks for it."""
+"""samkit.train.allocator: glibc keeps freed CPU memory for reuse, when asked."""
 
 from __future__ import annotations
 
@@ -31,7 +31,6 @@ CHILD = textwrap.dedent(
 def freed(apply: bool, **env: str) -> tuple[bool, float]:
     """(applied, MiB returned to the system when a 24 MiB tensor is freed), in a fresh process."""
     clean = {k: v for k, v in os.environ.items() if k not in allocator.USER_SETTINGS}
-    clean.pop("SAMKIT_SYSTEM_MALLOC", None)
     out = subprocess.run(
         [sys.executable, "-c", CHILD, "apply" if apply else "no"],
         env={**clean, **env}, capture_output=True, text=True, check=True,
@@ -49,18 +48,21 @@ def test_freed_memory_is_kept_for_reuse() -> None:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc: Linux only")
-@pytest.mark.parametrize("env", [{"SAMKIT_SYSTEM_MALLOC": "1"}, {"MALLOC_TRIM_THRESHOLD_": "0"}])
-def test_a_users_choice_is_left_alone(env: dict) -> None:
-    """An opt-out, or the allocator configured through the environment, is not overridden."""
-    applied, returned = freed(apply=True, **env)
+def test_an_allocator_chosen_in_the_environment_is_left_alone() -> None:
+    applied, returned = freed(apply=True, MALLOC_TRIM_THRESHOLD_="0")
     assert not applied
     assert returned == pytest.approx(24, abs=1)
 
 
-def test_the_command_line_applies_it(monkeypatch, capsys) -> None:
+@pytest.mark.parametrize("opt_in", ["1", None])
+def test_the_command_line_applies_it_when_asked(opt_in: str | None, monkeypatch) -> None:
     from samkit import cli
 
     calls = []
     monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append(1) or True)
+    if opt_in is None:
+        monkeypatch.delenv(allocator.OPT_IN, raising=False)
+    else:
+        monkeypatch.setenv(allocator.OPT_IN, opt_in)
     assert cli.main(["methods"]) == 0
-    assert calls == [1]
+    assert calls == ([1] if opt_in else [])

@@ -10,8 +10,11 @@ at batch 128, and every pass was 5-15% slower (docs/BENCHMARKS.md). GPUs are una
 its own caching allocator).
 
 :func:`keep_freed_memory` tells glibc to keep what it frees for reuse, as jemalloc and tcmalloc (the
-allocators PyTorch's CPU performance guide suggests preloading) do by design. The samkit command
-line applies it; a program of your own can call it once at start.
+allocators PyTorch's CPU performance guide suggests preloading) do by design. It is opt-in: the
+process then keeps more memory (peak RSS of a two-epoch small-CNN run of samkit train: 0.61-0.97
+GB in six of seven runs, the seventh 4.0 GB, unexplained, against 0.65-0.77 GB in four without).
+Call it once at the start of a training script, or set SAMKIT_KEEP_FREED_MEMORY=1 for the samkit
+command line.
 """
 
 from __future__ import annotations
@@ -31,16 +34,18 @@ TRIM_THRESHOLD = 2**31 - 1
 #: the environment variables with which a user has chosen the allocator's behaviour already
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
                  "LD_PRELOAD")
+#: set to 1 to have the samkit command line call keep_freed_memory()
+OPT_IN = "SAMKIT_KEEP_FREED_MEMORY"
 
 
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse (process-wide, until exit).
 
     Returns True when applied; False where it does not apply or was not wanted: not Linux with
-    glibc, an allocator chosen through the environment (``MALLOC_*`` variables, or one preloaded
-    with ``LD_PRELOAD``), or ``SAMKIT_SYSTEM_MALLOC=1``. The process keeps its peak CPU memory
-    reserved instead of returning it between steps."""
-    if sys.platform != "linux" or os.environ.get("SAMKIT_SYSTEM_MALLOC") == "1":
+    glibc, or an allocator chosen through the environment (``MALLOC_*`` variables, or one
+    preloaded with ``LD_PRELOAD``). The process keeps its peak CPU memory reserved instead of
+    returning it between steps."""
+    if sys.platform != "linux":
         return False
     if any(os.environ.get(name) for name in USER_SETTINGS):
         return False
