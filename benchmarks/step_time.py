@@ -24,9 +24,10 @@ ranking forward, without a gradient, counts as a whole one). LookSAM's cost vari
 step every k): its column is the mean, not the median, over the rounds, which should then be a
 multiple of k.
 
-CPU memory: --keep-freed-memory first asks glibc's malloc to keep freed memory for reuse
-(samkit.train.allocator), so that no pass pays page faults for memory the step before returned to
-the system. The header says which allocator behaviour was timed.
+CPU memory: glibc's malloc returns freed memory to the system, and a step then page-faults to get
+it back (most in a backward through a graph kept for another one). The header names the allocator
+timed: the C library's, or the one preloaded (docs/BENCHMARKS.md times jemalloc with
+LD_PRELOAD=libjemalloc.so.2 MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1).
 
 Cost options (spec/ALGORITHMS-EFFICIENT.md, generic options A and B): each ``--options k=v,...``
 adds a row ``method[k=v,...]`` for every method in --methods that takes them (plain always runs
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import platform
 import random
 import statistics
@@ -50,7 +52,6 @@ from torch.nn import functional as F
 
 import samkit.optim as so
 from samkit.models import build_model
-from samkit.train.allocator import keep_freed_memory
 
 NUM_CLASSES = 10
 MLP_IN = 40  # mlp-bn: the small step of issue 15 (40-256-256-10 with BatchNorm, MNIST-1D's width)
@@ -184,11 +185,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--options", action="append", default=[],
                         help="cost options k=v,... timed as extra rows (repeatable; see above)")
-    parser.add_argument("--keep-freed-memory", action="store_true",
-                        help="ask glibc's malloc to keep freed memory for reuse "
-                             "(samkit.train.allocator)")
     args = parser.parse_args()
-    args.malloc = "kept" if args.keep_freed_memory and keep_freed_memory() else "system"
+    preloaded = os.environ.get("LD_PRELOAD", "")
+    args.malloc = (f"{os.path.basename(preloaded)} {os.environ.get('MALLOC_CONF', '')}".strip()
+                   if preloaded else "the C library's")
     try:
         args.option_sets = [parse_options(text) for text in args.options]
     except ValueError as err:
@@ -324,7 +324,7 @@ def bench(model_name: str, mode: str, args: argparse.Namespace) -> None:
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     print(f"\n# {model_name}, {mode}, batch {args.batch}, {device}{gpu}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
-          f"{', channels-last' if args.channels_last else ''}, malloc {args.malloc}")
+          f"{', channels-last' if args.channels_last else ''}, malloc: {args.malloc}")
     print(f"# forward {tf * 1e3:.2f} ms, backward {tb * 1e3:.2f} ms, update {tu * 1e3:.2f} ms, "
           f"plain step {base * 1e3:.2f} ms, "
           f"{args.reps} rounds, {present} classes in the batch")

@@ -351,10 +351,6 @@ def main(argv: list[str] | None = None) -> int:
     SAMKIT_TRACEBACK=1 to see the traceback of an unexpected one)."""
     import os
 
-    from samkit.train import allocator
-
-    if os.environ.get(allocator.OPT_IN) == "1":  # reuse freed CPU memory between steps
-        allocator.keep_freed_memory()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value after a flag (`recipe.yaml a=b --quiet c=d`) is still an override
