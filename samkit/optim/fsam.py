@@ -82,7 +82,7 @@ class FriendlySAM(SharpnessAware):
         with torch.no_grad():
             gs = vec.pick(g, idx)  # g is not read again: d is built in its storage
             inverse = self._inverse_scale(gs[0]) if gs else 1.0
-            if not isinstance(inverse, float) or inverse != 1.0:
+            if isinstance(inverse, Tensor):  # under an enabled GradScaler; else it is 1
                 torch._foreach_mul_(gs, inverse)
             old = [self.state.get(params[i], {}).get(EMA) for i in idx]
             new: list[Tensor | None] = [None] * len(idx)
