@@ -10,6 +10,11 @@ every tensor. This script times one perturb-and-restore both ways on a model's p
 median of --reps timed blocks of --calls calls each, eager and compiled interleaved), and the time
 the first compiled call took. Where compiled is not faster, a compiled step is not what closes the
 gap to the pass floor (docs/BENCHMARKS.md).
+
+A third column times the same arithmetic eager on one flat buffer: the parameters as views of one
+tensor, the gradients gathered into another by one `torch.cat`, so that each step is one call
+instead of a loop over the tensors. samkit does not lay parameters out this way (it would take the
+user's parameters over); the column measures what the per-tensor loops cost.
 """
 
 from __future__ import annotations
@@ -19,10 +24,7 @@ import statistics
 import time
 
 import torch
-from step_time import build, timed
-
-RHO = 0.05
-EPS = 1e-12
+from step_time import EPS, RHO, build, flat_layout, timed
 
 
 def perturb(params: list[torch.Tensor], grads: list[torch.Tensor],
@@ -62,8 +64,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"# torch {torch.__version__}, {device}, {torch.get_num_threads()} threads")
-    print("| model | tensors | eager us | compiled us | compiled / eager | first compiled call s |")
-    print("|---|---|---|---|---|---|")
+    print("| model | tensors | eager us | compiled us | compiled / eager | first compiled call s "
+          "| flat eager us |")
+    print("|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         torch.manual_seed(0)
         params = [p.detach().clone() for p in build(name).to(device).parameters()]
@@ -75,14 +78,17 @@ def main() -> None:
         block(compiled, params, grads, backup, 1, device)
         first = time.perf_counter() - start
         eager = (perturb, restore)
-        for fns in (eager, compiled):  # warm-up
-            block(fns, params, grads, backup, args.calls, device)
-        times: dict[str, list[float]] = {"eager": [], "compiled": []}
+        views, flat = flat_layout(params)
+        runs = {"eager": (eager, params), "compiled": (compiled, params), "flat": (flat, views)}
+        for fns, ps in runs.values():  # warm-up
+            block(fns, ps, grads, backup, args.calls, device)
+        times: dict[str, list[float]] = {k: [] for k in runs}
         for _ in range(args.reps):
-            times["eager"].append(block(eager, params, grads, backup, args.calls, device))
-            times["compiled"].append(block(compiled, params, grads, backup, args.calls, device))
-        te, tc = (statistics.median(times[k]) * 1e6 for k in ("eager", "compiled"))
-        print(f"| {name} | {len(params)} | {te:.1f} | {tc:.1f} | {tc / te:.2f} | {first:.1f} |")
+            for k, (fns, ps) in runs.items():
+                times[k].append(block(fns, ps, grads, backup, args.calls, device))
+        te, tc, tf = (statistics.median(times[k]) * 1e6 for k in runs)
+        print(f"| {name} | {len(params)} | {te:.1f} | {tc:.1f} | {tc / te:.2f} | {first:.1f} "
+              f"| {tf:.1f} |")
 
 
 if __name__ == "__main__":

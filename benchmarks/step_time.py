@@ -58,6 +58,7 @@ MLP_IN = 40  # mlp-bn: the small step of issue 15 (40-256-256-10 with BatchNorm,
 COUNTS = [int(5000 * 100 ** (-i / 9)) for i in range(NUM_CLASSES)]  # CIFAR-10-LT, ratio 100
 KSAM_FRACTION = 0.25  # K-SAM's default k = B/4
 LOOKSAM_K = 5
+RHO, EPS = 0.05, 1e-12  # the minimal SAM's radius and norm guard
 
 # name -> (constructor kwargs, (forwards, backwards)); P = classes present in the batch
 METHODS: dict[str, tuple[dict, tuple[int, int]]] = {
@@ -355,31 +356,72 @@ REFERENCE_PASSES = {
 }
 
 
+def flat_layout(params: list[torch.Tensor]) -> tuple[list[torch.Tensor], tuple]:
+    """The parameters copied into one flat buffer (returned as views of it) and the (perturb,
+    restore) pair of the minimal SAM's arithmetic that works on that buffer as a whole: the
+    gradients gathered by one `torch.cat`, then one call per operation instead of a loop over the
+    tensors (the pair takes compiled_ascent.py's arguments and reads only the gradients)."""
+    flat_w = torch.cat([p.reshape(-1) for p in params])
+    flat_g, flat_backup = torch.empty_like(flat_w), torch.empty_like(flat_w)
+    views = [v.view_as(p) for v, p in zip(flat_w.split([p.numel() for p in params]), params,
+                                          strict=True)]
+
+    def perturb_flat(params: list, grads: list[torch.Tensor], backup: list) -> None:
+        torch.cat([g.reshape(-1) for g in grads], out=flat_g)
+        norm = torch.linalg.vector_norm(flat_g)
+        flat_backup.copy_(flat_w)
+        flat_w.add_(flat_g * (RHO / (norm + EPS)))
+
+    def restore_flat(params: list, backup: list) -> None:
+        flat_w.copy_(flat_backup)
+
+    return views, (perturb_flat, restore_flat)
+
+
 def minimal_sam(
-    model: torch.nn.Module, net: Callable, x: torch.Tensor, y: torch.Tensor, exact: bool = False
+    model: torch.nn.Module, net: Callable, x: torch.Tensor, y: torch.Tensor, exact: bool = False,
+    flat: bool = False,
 ) -> Callable[[], None]:
     """The least a SAM step can do: two passes, e = rho g / ||g|| added and subtracted (no checks,
     no options), one SGD update. Not a method to use: a yardstick for the work beyond the passes
     that the ascent itself needs. `exact`: w is saved before the ascent and restored by copy, as
-    samkit restores it (subtracting e does not give w back exactly), instead of subtracting e."""
+    samkit restores it (subtracting e does not give w back exactly), instead of subtracting e.
+    `flat` (with `exact`): the model's parameters are moved into one buffer (they become views of
+    it) and the arithmetic runs on that buffer whole, after one `torch.cat` of the gradients: one
+    call per operation instead of a loop over the tensors (benchmarks/flat_layout.py)."""
     params = [p for p in model.parameters() if p.requires_grad]
     sgd = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
     saved = [torch.empty_like(p) for p in params]
+    if flat:
+        if not exact:
+            raise ValueError("the flat yardstick restores w by copy: pass exact=True")
+        views, (perturb_flat, restore_flat) = flat_layout([p.detach() for p in params])
+        for p, v in zip(params, views, strict=True):
+            p.data = v
+
+    def ascend() -> list[torch.Tensor]:
+        e = [p.grad for p in params]
+        if flat:
+            perturb_flat(params, e, saved)
+            return e
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(e)))
+        torch._foreach_mul_(e, RHO / (norm + EPS))
+        if exact:
+            torch._foreach_copy_(saved, params)
+        torch._foreach_add_(params, e)
+        return e
 
     def step() -> None:
         F.cross_entropy(net(x), y).backward()
-        e = [p.grad for p in params]
         with torch.no_grad():
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(e)))
-            torch._foreach_mul_(e, 0.05 / (norm + 1e-12))
-            if exact:
-                torch._foreach_copy_(saved, params)
-            torch._foreach_add_(params, e)
+            e = ascend()
         for p in params:
             p.grad = None
         F.cross_entropy(net(x), y).backward()
         with torch.no_grad():
-            if exact:
+            if flat:
+                restore_flat(params, saved)
+            elif exact:
                 torch._foreach_copy_(params, saved)
             else:
                 torch._foreach_sub_(params, e)

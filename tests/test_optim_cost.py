@@ -511,19 +511,35 @@ def test_compiled_ascent_times_sams_perturbation(monkeypatch) -> None:
         torch.testing.assert_close(p, p0 + bench.RHO * g / norm, rtol=1e-12, atol=1e-12)
     bench.restore(params, backup)
     assert all(torch.equal(p, p0) for p, p0 in zip(params, w, strict=True))
+    # the flat layout: the same step on views of one buffer, and w again after its restore
+    views, (perturb_flat, restore_flat) = bench.flat_layout(params)
+    assert all(torch.equal(v, p0) for v, p0 in zip(views, w, strict=True))
+    perturb_flat(views, grads, None)
+    for v, p0, g in zip(views, w, grads, strict=True):
+        torch.testing.assert_close(v, p0 + bench.RHO * g / norm, rtol=1e-12, atol=1e-12)
+    restore_flat(views, None)
+    assert all(torch.equal(v, p0) for v, p0 in zip(views, w, strict=True))
 
 
-@pytest.mark.parametrize("exact", [False, True])
-def test_minimal_sam_yardstick_takes_sams_step(exact: bool) -> None:
+@pytest.mark.parametrize("exact, flat", [(False, False), (True, False), (True, True)])
+def test_minimal_sam_yardstick_takes_sams_step(exact: bool, flat: bool) -> None:
     """The minimal SAM of `step_time.py` does SAM's work: its steps are samkit's SAM steps (rho
-    0.05, SGD lr 1e-4 momentum 0.9), whether it restores w by subtracting e or by copy."""
+    0.05, SGD lr 1e-4 momentum 0.9), whether it restores w by subtracting e or by copy, and with
+    its arithmetic on one flat buffer of the parameters."""
     bench = step_time_module()
     model = make_model("mlp")
     twin = clone(model)
     ((x, y),) = batches("mlp", 1)
-    step = bench.minimal_sam(model, model, x, y, exact)
+    step = bench.minimal_sam(model, model, x, y, exact, flat)
     opt = so.SAM(twin.parameters(), rho=0.05, lr=1e-4, momentum=0.9)
     for _ in range(3):
         step()
         opt.step(lambda: twin(x), y)
     assert_same_model(model, twin, atol=1e-12, rtol=1e-12)
+    if flat:  # the parameters live in one buffer
+        assert len({p.untyped_storage().data_ptr() for p in model.parameters()}) == 1
+
+
+def test_flat_yardstick_restores_by_copy() -> None:
+    with pytest.raises(ValueError, match="exact=True"):
+        step_time_module().minimal_sam(make_model("mlp"), None, None, None, exact=False, flat=True)
